@@ -1,0 +1,288 @@
+"""Bitstream v1: the container, byte by byte as in docs/bitstream.md. Never pickle.
+
+    byte 0        0xB1: high nibble 0xB marks a PerCo Engine bitstream, low nibble = version 1
+    bytes 1-4     model fingerprint (first 4 bytes)
+    byte 5        flags: bit 0 explicit size, bit 1 explicit seed, bit 2 decoder hints
+    [varint w, varint h]        if flag 0, else 512 x 512
+    [varint seed]               if flag 1, else 0
+    [varint n, n x (u8 key, varint value)]   if flag 2
+    varint caption word count C
+    C x u32 LE    caption stream (rANS, caption prior over CLIP token ids, EOS-terminated)
+    ... x u32 LE  index stream (rANS, uniform over the codebook, raster order): the rest
+    4 bytes       CRC-32 (zlib) of every byte before it, LE
+
+At 512 x 512 with the default seed and no hints the framing is 1 + 4 + 1 + 1 + 4 = 11 bytes.
+"""
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from perco.engine.entropy import caption_table, uniform_table
+from perco.engine.entropy.rans import StreamDecoder, decode_symbols, encode_symbols
+from perco.engine.entropy.tables import min_bits_per_symbol
+from perco.engine.errors import BitstreamError
+from perco.engine.text import TokenLayout
+
+VERSION = 1
+MAGIC_NIBBLE = 0xB
+DEFAULT_SIZE = (512, 512)  # (width, height) when the size flag is clear
+MAX_SIDE = 16384
+FINGERPRINT_BYTES = 4
+CRC_BYTES = 4
+
+FLAG_SIZE, FLAG_SEED, FLAG_HINTS = 1, 2, 4
+HINT_STEPS, HINT_GUIDANCE_CENTI = 1, 2  # hint keys; unknown keys are skipped by readers
+_MAX_VARINT_BYTES = 10
+
+
+@dataclass(frozen=True)
+class Hints:
+    """Optional decoder hints chosen by the encoder; flags given to the decoder override them."""
+
+    steps: Optional[int] = None
+    guidance: Optional[float] = None  # stored in hundredths
+
+    def items(self) -> list:
+        out = []
+        if self.steps is not None:
+            out.append((HINT_STEPS, int(self.steps)))
+        if self.guidance is not None:
+            out.append((HINT_GUIDANCE_CENTI, int(round(self.guidance * 100))))
+        return out
+
+
+@dataclass(frozen=True)
+class Header:
+    fingerprint: bytes  # FINGERPRINT_BYTES
+    width: int
+    height: int
+    seed: int = 0
+    hints: Hints = field(default_factory=Hints)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a model fixes about its streams: identity, caption vocabulary, index geometry."""
+
+    fingerprint: bytes
+    tokens: TokenLayout
+    codebook_size: int
+    token_stride: int  # image pixels per token
+    pad_multiple: int  # images are padded to a multiple of this many pixels
+
+    def token_grid(self, width: int, height: int) -> tuple:
+        """(rows, cols) of the token grid for an image of this size."""
+        pad_h = -(-height // self.pad_multiple) * self.pad_multiple
+        pad_w = -(-width // self.pad_multiple) * self.pad_multiple
+        return pad_h // self.token_stride, pad_w // self.token_stride
+
+
+@dataclass(frozen=True)
+class Sections:
+    """Byte count of each part of a serialized bitstream (for `perco info`)."""
+
+    header: int
+    caption: int
+    indices: int
+    check: int
+
+    @property
+    def total(self) -> int:
+        return self.header + self.caption + self.indices + self.check
+
+    @property
+    def framing(self) -> int:
+        return self.header + self.check
+
+
+# --- varints (unsigned LEB128) ---------------------------------------------------------------
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    if value < 0 or value >= 1 << 64:
+        raise ValueError(f"varint out of range: {value}")
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def byte(self, what: str) -> int:
+        if self.pos >= len(self.data):
+            raise BitstreamError(f"truncated bitstream: ends inside the {what}")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def varint(self, what: str) -> int:
+        value = 0
+        for i in range(_MAX_VARINT_BYTES):
+            byte = self.byte(what)
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                if i and byte == 0:
+                    raise BitstreamError(f"corrupt bitstream: non-canonical varint in the {what}")
+                if value >= 1 << 64:
+                    raise BitstreamError(f"corrupt bitstream: {what} exceeds 64 bits")
+                return value
+        raise BitstreamError(f"corrupt bitstream: varint too long in the {what}")
+
+    def words(self, count: int, what: str) -> np.ndarray:
+        end = self.pos + 4 * count
+        if end > len(self.data):
+            raise BitstreamError(f"truncated bitstream: ends inside the {what} stream")
+        words = np.frombuffer(self.data, dtype="<u4", count=count, offset=self.pos).astype(np.uint32)
+        self.pos = end
+        return words
+
+
+# --- container -------------------------------------------------------------------------------
+
+
+def serialize(header: Header, caption_words: np.ndarray, index_words: np.ndarray) -> bytes:
+    if len(header.fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError("fingerprint must be 4 bytes")
+    if not (1 <= header.width <= MAX_SIDE and 1 <= header.height <= MAX_SIDE):
+        raise ValueError(f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}")
+    hints = header.hints.items()
+    flags = (
+        (FLAG_SIZE if (header.width, header.height) != DEFAULT_SIZE else 0)
+        | (FLAG_SEED if header.seed else 0)
+        | (FLAG_HINTS if hints else 0)
+    )
+    out = bytearray([MAGIC_NIBBLE << 4 | VERSION])
+    out += header.fingerprint
+    out.append(flags)
+    if flags & FLAG_SIZE:
+        _put_varint(out, header.width)
+        _put_varint(out, header.height)
+    if flags & FLAG_SEED:
+        _put_varint(out, header.seed)
+    if flags & FLAG_HINTS:
+        _put_varint(out, len(hints))
+        for key, value in hints:
+            out.append(key)
+            _put_varint(out, value)
+    _put_varint(out, len(caption_words))
+    out += np.asarray(caption_words, dtype="<u4").tobytes()
+    out += np.asarray(index_words, dtype="<u4").tobytes()
+    out += struct.pack("<I", zlib.crc32(out))
+    return bytes(out)
+
+
+def parse(data: bytes) -> tuple:
+    """bytes -> (Header, caption words, index words, Sections). Checks framing and the CRC only."""
+    data = bytes(data)
+    if not data:
+        raise BitstreamError("empty bitstream")
+    if data[0] >> 4 != MAGIC_NIBBLE:
+        raise BitstreamError("not a PerCo Engine bitstream (bad magic byte)")
+    if data[0] & 0xF != VERSION:
+        raise BitstreamError(f"unsupported bitstream version {data[0] & 0xF} (this build reads {VERSION})")
+    minimum = 1 + FINGERPRINT_BYTES + 1 + 1 + CRC_BYTES
+    if len(data) < minimum:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes, a valid one has at least {minimum}")
+    body, (crc,) = data[:-CRC_BYTES], struct.unpack("<I", data[-CRC_BYTES:])
+    if zlib.crc32(body) != crc:
+        raise BitstreamError("corrupt or truncated bitstream: integrity check (CRC-32) failed")
+
+    reader = _Reader(body)
+    reader.pos = 1 + FINGERPRINT_BYTES
+    fingerprint = body[1 : 1 + FINGERPRINT_BYTES]
+    flags = reader.byte("flags")
+    if flags & ~(FLAG_SIZE | FLAG_SEED | FLAG_HINTS):
+        raise BitstreamError(f"corrupt bitstream: unknown flags 0x{flags:02x}")
+    width, height = DEFAULT_SIZE
+    if flags & FLAG_SIZE:
+        width, height = reader.varint("image width"), reader.varint("image height")
+        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+            raise BitstreamError(f"corrupt bitstream: image size {width}x{height} outside 1..{MAX_SIDE}")
+    seed = reader.varint("seed") if flags & FLAG_SEED else 0
+    steps = guidance = None
+    if flags & FLAG_HINTS:
+        for _ in range(reader.varint("hint count")):
+            key, value = reader.byte("hint key"), reader.varint("hint value")
+            if key == HINT_STEPS:
+                steps = value
+            elif key == HINT_GUIDANCE_CENTI:
+                guidance = value / 100.0
+    if steps is not None and not 1 <= steps <= 1000:
+        raise BitstreamError(f"corrupt bitstream: hinted step count {steps} outside 1..1000")
+    caption_count = reader.varint("caption length")
+    header_len = reader.pos
+    caption = reader.words(caption_count, "caption")
+    rest = len(body) - reader.pos
+    if rest % 4:
+        raise BitstreamError("corrupt bitstream: index stream is not a whole number of 32-bit words")
+    indices = reader.words(rest // 4, "index")
+    header = Header(bytes(fingerprint), width, height, seed, Hints(steps, guidance))
+    sections = Sections(header=header_len, caption=4 * caption_count, indices=rest, check=CRC_BYTES)
+    return header, caption, indices, sections
+
+
+# --- payload: caption ids + indices <-> streams ---------------------------------------------
+
+
+def pack(header: Header, caption_ids, indices: np.ndarray, spec: StreamSpec) -> bytes:
+    """Entropy-code the caption and the indices and serialize a complete bitstream."""
+    caption_ids = np.asarray(caption_ids, dtype=np.int64).reshape(-1)[: spec.tokens.max_content]
+    rows, cols = spec.token_grid(header.width, header.height)
+    if indices.shape != (rows, cols):
+        raise ValueError(f"indices have shape {indices.shape}, expected {(rows, cols)}")
+    layout = spec.tokens
+    if caption_ids.size and (caption_ids.min() < 0 or caption_ids.max() >= layout.vocab_size):
+        raise ValueError("caption token id outside the vocabulary")
+    symbols = caption_ids
+    if caption_ids.size < layout.max_content:
+        symbols = np.append(caption_ids, layout.eos_id)
+    caption_words = encode_symbols(symbols, caption_table(layout.vocab_size, layout.eos_id, layout.bos_id))
+    index_words = encode_symbols(indices.reshape(-1), uniform_table(spec.codebook_size))
+    return serialize(header, caption_words, index_words)
+
+
+def unpack(data: bytes, spec: StreamSpec) -> tuple:
+    """bytes -> (Header, caption content ids, indices [rows, cols]). Any defect -> BitstreamError."""
+    header, caption_words, index_words, _ = parse(data)
+    if header.fingerprint != spec.fingerprint[:FINGERPRINT_BYTES]:
+        raise BitstreamError(
+            f"bitstream was made for model {header.fingerprint.hex()}, but this model is "
+            f"{spec.fingerprint[:FINGERPRINT_BYTES].hex()}: decode it with the model (and rate) that encoded it"
+        )
+    return header, decode_caption(caption_words, spec.tokens), decode_indices(index_words, header, spec)
+
+
+def decode_caption(words: np.ndarray, layout: TokenLayout) -> np.ndarray:
+    table = caption_table(layout.vocab_size, layout.eos_id, layout.bos_id)
+    decoder = StreamDecoder(words, table, "caption")
+    ids = []
+    for _ in range(layout.max_content):
+        token = int(decoder.pop(1)[0])
+        if token == layout.eos_id:
+            break
+        if token == layout.bos_id:
+            raise BitstreamError("corrupt caption stream: start token inside the caption")
+        ids.append(token)
+    decoder.finish()
+    return np.asarray(ids, dtype=np.int64)
+
+
+def decode_indices(words: np.ndarray, header: Header, spec: StreamSpec) -> np.ndarray:
+    rows, cols = spec.token_grid(header.width, header.height)
+    table = uniform_table(spec.codebook_size)
+    # Each symbol costs at least this many bits: refuse sizes the stream cannot hold before
+    # allocating anything (a forged header must not make us decode millions of symbols).
+    if rows * cols * min_bits_per_symbol(table) > 32 * len(words) + 64:
+        raise BitstreamError(
+            f"corrupt or truncated bitstream: {len(words) * 4} index bytes cannot hold "
+            f"{rows}x{cols} tokens of a {spec.codebook_size}-entry codebook"
+        )
+    return decode_symbols(words, table, rows * cols, "index").reshape(rows, cols)

@@ -1,0 +1,159 @@
+"""The codec: compress an image to bytes and back, on any backend.
+
+The decode loop, the sampler, the noise, the bitstream and the entropy coders live here (numpy)
+and are shared by every backend; a backend only runs the networks of `GRAPHS`.
+
+>>> from perco.engine import Codec                       # doctest: +SKIP
+>>> codec = Codec.from_pretrained("perco-sd-0.0313")      # doctest: +SKIP
+>>> data = codec.compress("kodim13.png", caption="a river in a forest")  # doctest: +SKIP
+>>> image = codec.decompress(data)                        # doctest: +SKIP
+"""
+
+import time
+from contextlib import contextmanager
+from typing import Optional
+
+import numpy as np
+
+from perco.engine import bitstream
+from perco.engine.backends import load_backend
+from perco.engine.bitstream import Header, Hints
+from perco.engine.errors import PercoError
+from perco.engine.imageio import as_rgb_array, from_model_output, pad_to_multiple, to_model_input
+from perco.engine.model import GUIDANCE, LATENT_FACTOR, ModelInfo
+from perco.engine.noise import gaussian_noise
+from perco.engine.sampling import DDIM, guided
+from perco.engine.text import CaptionTokenizer
+
+
+class StageTimings(dict):
+    """Seconds per stage of the last call, in the order the stages ran."""
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+    def table(self) -> str:
+        width = max(len(k) for k in self) if self else 0
+        rows = [f"  {k:<{width}}  {v * 1000:9.1f} ms" for k, v in self.items()]
+        rows.append(f"  {'total':<{width}}  {sum(self.values()) * 1000:9.1f} ms")
+        return "\n".join(rows)
+
+
+class Codec:
+    """A model plus a backend. `compress` and `decompress` record `timings` per stage."""
+
+    def __init__(self, model: ModelInfo, backend):
+        self.model = model
+        self.backend = backend
+        self.timings = StageTimings()
+        self._tokenizer: Optional[CaptionTokenizer] = None
+        self._uncond_embedding: Optional[np.ndarray] = None
+
+    @classmethod
+    def from_pretrained(cls, folder, backend: str = "torch") -> "Codec":
+        model = ModelInfo(folder)
+        return cls(model, load_backend(backend, model))
+
+    # --- encoder side ---------------------------------------------------------------------
+
+    def compress(self, image, caption: str = "", seed: int = 0, hints: Hints = Hints()) -> bytes:
+        """Image (path, PIL image or uint8 [H, W, 3]) + caption -> bitstream bytes."""
+        if not 0 <= seed < 1 << 64:
+            raise PercoError(f"seed must be in 0..2^64-1, got {seed}")
+        self.timings = t = StageTimings()
+        with t.stage("prepare"):
+            rgb = as_rgb_array(image)
+            height, width = rgb.shape[:2]
+            if max(height, width) > bitstream.MAX_SIDE:
+                raise PercoError(f"image {width}x{height} is larger than {bitstream.MAX_SIDE} pixels on a side")
+            x = to_model_input(pad_to_multiple(rgb, self.model.pad_multiple))  # [1, 3, H', W']
+        with t.stage("vae_encode"):
+            latent = self._run("vae_encoder", image=x)["latent"]  # [1, 4, H'/8, W'/8]
+        with t.stage("hyper_encode"):
+            indices = self._run("hyper_encoder", latent=latent)["indices"][0]  # [gh, gw]
+        with t.stage("tokenize"):
+            caption_ids = self._tokenize(caption)
+        with t.stage("entropy_encode"):
+            header = Header(self.model.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, hints)
+            data = bitstream.pack(header, caption_ids, indices, self.model.stream_spec)
+        return data
+
+    def _tokenize(self, caption: str) -> np.ndarray:
+        if not caption:
+            return np.zeros(0, dtype=np.int64)
+        if self._tokenizer is None:
+            self._tokenizer = CaptionTokenizer(self.model.folder / "tokenizer", self.model.tokens)
+        return self._tokenizer(caption)
+
+    # --- decoder side ---------------------------------------------------------------------
+
+    def decompress(
+        self,
+        data: bytes,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Bitstream bytes -> uint8 [H, W, 3] at the original size.
+
+        `steps` and `guidance` default to the bitstream's hints, then to the model's defaults
+        (20 steps below 0.05 bpp, 5 at or above; guidance 3.0).
+        """
+        self.timings = t = StageTimings()
+        with t.stage("entropy_decode"):
+            header, caption_ids, indices = bitstream.unpack(data, self.model.stream_spec)
+        steps = steps or header.hints.steps or self.model.default_steps
+        guidance = guidance if guidance is not None else (header.hints.guidance or GUIDANCE)
+        sampler = DDIM(self.model.schedule, steps)
+
+        with t.stage("text_encode"):
+            cond = self._encode_text(caption_ids)  # [1, 77, D]
+            uncond = self._uncond()
+            text = np.concatenate([uncond, cond])  # [2, 77, D]: (uncond, cond)
+        with t.stage("local_features"):  # once per image, reused by every step
+            local = self._run("local_features", indices=indices[None].astype(np.int64))["local_features"]
+            local = np.concatenate([local, local])  # [2, M, h, w]: both branches see the same layout
+        h, w = local.shape[2:]
+        latent = gaussian_noise(header.seed, (1, 4, h, w))  # init_noise_sigma is 1 for DDIM
+
+        with t.stage("denoise"):
+            for step_t in _progress(sampler.timesteps, progress):
+                out = self._run(
+                    "denoiser",
+                    sample=np.concatenate([latent, latent]),
+                    timestep=np.full(2, step_t, dtype=np.float32),
+                    text_embeddings=text,
+                    local_features=local,
+                )["model_output"]
+                latent = sampler.step(guided(out, guidance), int(step_t), latent)
+        with t.stage("vae_decode"):
+            image = self._run("vae_decoder", latent=latent)["image"]  # [1, 3, 8h, 8w]
+        with t.stage("postprocess"):
+            assert image.shape[2:] == (LATENT_FACTOR * h, LATENT_FACTOR * w), image.shape
+            rgb = from_model_output(image)[: header.height, : header.width]
+        return np.ascontiguousarray(rgb)
+
+    def _encode_text(self, content_ids) -> np.ndarray:
+        ids = self.model.tokens.input_ids(content_ids)[None]
+        return self._run("text_encoder", input_ids=ids)["text_embeddings"]
+
+    def _uncond(self) -> np.ndarray:
+        if self._uncond_embedding is None:  # the empty caption, once per codec
+            self._uncond_embedding = self._encode_text([])
+        return self._uncond_embedding
+
+    def _run(self, graph: str, **inputs) -> dict:
+        return self.backend.run(graph, inputs)
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="denoising", unit="step", leave=False, dynamic_ncols=True)

@@ -1,0 +1,158 @@
+"""A PerCo (SD) model folder as the runtime sees it: configs, geometry and fingerprint. No torch.
+
+The folder is the released diffusers pipeline layout (see docs/architecture.md):
+model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, hyper_enc/.
+"""
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from perco.engine.bitstream import StreamSpec
+from perco.engine.errors import ModelError
+from perco.engine.sampling import NoiseSchedule
+from perco.engine.text import TokenLayout
+
+FAMILY = "perco-sd"
+LATENT_FACTOR = 8  # VAE: image pixels per latent pixel
+REFERENCE_SIDE = 512  # the token grid side in the config is the grid at 512 x 512
+GUIDANCE = 3.0
+STEPS_LOW_RATE, STEPS_HIGH_RATE, RATE_THRESHOLD = 20, 5, 0.05
+
+# Required files, per component: (config file, weights file)
+COMPONENTS = {
+    "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "text_encoder": ("config.json", "model.safetensors"),
+    "hyper_enc": ("config.json", "diffusion_pytorch_model.safetensors"),
+}
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"model folder is incomplete: {path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path} does not hold a JSON object")
+    return value
+
+
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets)."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError("header larger than 100 MB")
+            header = f.read(size)
+    except FileNotFoundError:
+        raise ModelError(f"model folder is incomplete: {path} is missing") from None
+    except (OSError, struct.error, ValueError) as exc:
+        raise ModelError(f"{path} is not a safetensors file: {exc}") from None
+    if len(header) != size:
+        raise ModelError(f"{path} is truncated")
+    return header
+
+
+@dataclass(frozen=True)
+class RateGeometry:
+    grid: int  # token grid side at 512 x 512
+    codebook_size: int
+
+    @property
+    def nominal_bpp(self) -> float:
+        return self.grid**2 * math.log2(self.codebook_size) / REFERENCE_SIDE**2
+
+    @property
+    def token_stride(self) -> int:
+        """Image pixels per token."""
+        return REFERENCE_SIDE // self.grid
+
+
+class ModelInfo:
+    """Everything the runtime needs to know about a model folder, read without torch."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ModelError(f"model folder {self.folder} does not exist")
+        self.configs = {name: read_json(self.folder / name / files[0]) for name, files in COMPONENTS.items()}
+        for name, (_, weights) in COMPONENTS.items():
+            if not (self.folder / name / weights).is_file():
+                raise ModelError(f"model folder is incomplete: {self.folder / name / weights} is missing")
+        self.scheduler_config = read_json(self.folder / SCHEDULER_CONFIG)
+        for name in TOKENIZER_FILES:
+            if not (self.folder / "tokenizer" / name).is_file():
+                raise ModelError(f"model folder is incomplete: {self.folder / 'tokenizer' / name} is missing")
+        hyper = self.configs["hyper_enc"]
+        try:
+            self.rate = RateGeometry(int(hyper["cfg_ss"]), int(hyper["cfg_cs"]))
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{self.folder / 'hyper_enc/config.json'} lacks integer cfg_ss / cfg_cs") from None
+        if self.rate.grid not in (8, 16, 32, 64) or not 2 <= self.rate.codebook_size <= 65536:
+            raise ModelError(
+                f"unsupported rate geometry: token grid {self.rate.grid}, codebook {self.rate.codebook_size}"
+            )
+        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
+        self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
+
+    @property
+    def pad_multiple(self) -> int:
+        """Images are padded to a multiple of this: the token stride and the UNet's downsampling."""
+        unet_down = 2 ** (len(self.configs["unet"].get("block_out_channels", [0] * 4)) - 1)
+        return math.lcm(self.rate.token_stride, LATENT_FACTOR * unet_down)
+
+    @property
+    def default_steps(self) -> int:
+        return STEPS_LOW_RATE if self.rate.nominal_bpp < RATE_THRESHOLD else STEPS_HIGH_RATE
+
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """16-byte BLAKE2b over what decoding depends on (configs, tensor layouts, hyper-encoder weights).
+
+        It reads only safetensors headers plus the small hyper-encoder file, so it is cheap even
+        for full-size checkpoints, yet separates rates and differently trained checkpoints
+        (their codebooks differ). The bitstream stores its first 4 bytes.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(FAMILY.encode())
+
+        def canonical(config: dict) -> bytes:
+            kept = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+            return json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
+
+        for name, (_, weights) in sorted(COMPONENTS.items()):
+            h.update(name.encode())
+            h.update(canonical(self.configs[name]))
+            h.update(safetensors_header(self.folder / name / weights))
+        h.update(canonical(self.scheduler_config))
+        t = self.tokens
+        h.update(struct.pack("<5q", t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.max_length))
+        h.update((self.folder / "hyper_enc" / COMPONENTS["hyper_enc"][1]).read_bytes())
+        return h.digest()
+
+    @property
+    def stream_spec(self) -> StreamSpec:
+        return StreamSpec(
+            fingerprint=self.fingerprint,
+            tokens=self.tokens,
+            codebook_size=self.rate.codebook_size,
+            token_stride=self.rate.token_stride,
+            pad_multiple=self.pad_multiple,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{FAMILY} model {self.folder} (token grid {self.rate.grid} at 512x512, codebook "
+            f"{self.rate.codebook_size}, {self.rate.nominal_bpp:.4f} bpp nominal, fingerprint {self.fingerprint[:4].hex()})"
+        )

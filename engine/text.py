@@ -1,0 +1,129 @@
+"""CLIP token ids: what the bitstream carries and how the decoder rebuilds `input_ids`.
+
+The bitstream carries a caption's content token ids (no start, end or padding tokens; at most
+`max_length - 2` of them). The decoder rebuilds exactly what `CLIPTokenizer(text,
+padding="max_length", max_length=77, truncation=True)` returns, so it needs no tokenizer.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from perco.engine.errors import ModelError, PercoError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The special ids and length of a CLIP text input (read from the model's tokenizer folder)."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    max_length: int = 77
+
+    @property
+    def max_content(self) -> int:
+        return self.max_length - 2
+
+    def input_ids(self, content_ids) -> np.ndarray:
+        """Content ids -> [max_length] int64: start, content, end, padding.
+
+        >>> TokenLayout(49408, 49406, 49407, 0).input_ids([320, 736])[:5].tolist()
+        [49406, 320, 736, 49407, 0]
+        """
+        content = np.asarray(content_ids, dtype=np.int64).reshape(-1)[: self.max_content]
+        ids = np.full(self.max_length, self.pad_id, dtype=np.int64)
+        ids[0] = self.bos_id
+        ids[1 : 1 + content.size] = content
+        ids[1 + content.size] = self.eos_id
+        return ids
+
+    @classmethod
+    def from_tokenizer_dir(cls, folder: Path) -> "TokenLayout":
+        """Read vocab size and special ids from a transformers CLIPTokenizer folder (no tokenizer lib)."""
+        vocab_file = folder / "vocab.json"
+        try:
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read tokenizer vocabulary {vocab_file}: {exc}") from None
+        specials = _special_tokens(folder)
+
+        def lookup(role: str, default: str) -> int:
+            token = specials.get(role, default)
+            if token not in vocab:
+                raise ModelError(f"tokenizer {role} {token!r} is not in {vocab_file}")
+            return int(vocab[token])
+
+        eos = lookup("eos_token", "<|endoftext|>")
+        max_length = int(specials.get("model_max_length", 77))
+        if max_length > 1000:  # transformers' "unset" sentinel; CLIP text towers take 77
+            max_length = 77
+        return cls(
+            vocab_size=len(vocab),
+            bos_id=lookup("bos_token", "<|startoftext|>"),
+            eos_id=eos,
+            pad_id=lookup("pad_token", "<|endoftext|>") if "pad_token" in specials else eos,
+            max_length=max_length,
+        )
+
+
+def _special_tokens(folder: Path) -> dict:
+    """Merge tokenizer_config.json and special_tokens_map.json; tokens may be str or {content: str}."""
+    merged: dict = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                merged.update(json.loads(path.read_text(encoding="utf-8")))
+            except ValueError as exc:
+                raise ModelError(f"cannot parse {path}: {exc}") from None
+    return {k: (v["content"] if isinstance(v, dict) and "content" in v else v) for k, v in merged.items()}
+
+
+class CaptionTokenizer:
+    """Text -> content token ids, with the model's own CLIPTokenizer (encoder side only).
+
+    Needs `transformers` (the `export` extra); decoding never uses this class.
+    """
+
+    def __init__(self, folder: Path, layout: TokenLayout):
+        try:
+            from transformers import CLIPTokenizer
+        except ImportError:
+            raise PercoError(
+                "compressing a caption needs the transformers package: pip install 'perco-engine[export]'"
+            ) from None
+        self._tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+        self._layout = layout
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids = self._tokenizer(text, truncation=True, max_length=self._layout.max_length)["input_ids"]
+        return np.asarray(ids[1:-1], dtype=np.int64)  # strip start and end tokens
+
+
+def detokenize(content_ids, folder: Path) -> str:
+    """Best-effort text of content ids from vocab.json (for display in `perco info`)."""
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    inverse = {v: k for k, v in vocab.items()}
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of[" "] = ord(" ")  # word ends ("</w>") become spaces
+    text = "".join(inverse.get(int(i), "") for i in content_ids).replace("</w>", " ")
+    return bytes(byte_of.get(c, ord("?")) for c in text).decode("utf-8", errors="replace").strip()
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2/CLIP byte <-> printable character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}

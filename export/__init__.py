@@ -1,0 +1,1 @@
+"""PerCo Engine torch side: model definitions, checkpoint loading, the reference backend."""
