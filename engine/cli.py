@@ -1,0 +1,249 @@
+"""`perco`: compress, decompress, inspect; create tiny models; run the demo.
+
+Every user error ends in one `error: ...` line on stderr and exit code 1 (2 for bad flags);
+outputs are written atomically, so a failed run never leaves a partial file.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from perco.engine.errors import PercoError
+
+DEFAULT_BACKEND = "torch"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage dump
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _model_arg(p, required=True):
+    p.add_argument("--model", metavar="DIR", required=required, default=None,
+                   help="PerCo (SD) model folder (diffusers layout with hyper_enc/)"
+                        + ("" if required else "; default: the bundled tiny demo model"))
+
+
+def _backend_arg(p):
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=["torch"],
+                   help="network backend (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="perco", description=__doc__.split("\n")[0],
+                     epilog="Run 'perco COMMAND --help' for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("compress", help="image -> bitstream",
+                       description="Compress an image to a PerCo bitstream (caption + VQ token indices).")
+    p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, ...; any size)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="bitstream file to write")
+    _model_arg(p, required=False)
+    p.add_argument("--caption", default="", metavar="TEXT",
+                   help="caption describing the image (global semantics); default: empty")
+    p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
+    p.add_argument("--steps-hint", type=_positive, default=None, metavar="N",
+                   help="suggest a step count to the decoder (stored in the bitstream)")
+    _backend_arg(p)
+    _quiet_arg(p)
+
+    p = sub.add_parser("decompress", help="bitstream -> PNG",
+                       description="Decode a bitstream to a PNG at the original image size.")
+    p.add_argument("input", metavar="IN", help="bitstream file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG file to write")
+    _model_arg(p, required=False)
+    p.add_argument("--steps", type=_positive, default=None, metavar="N",
+                   help="denoising steps (default: the bitstream's hint, else 20 below 0.05 bpp, 5 at or above)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="classifier-free guidance scale (default: 3.0)")
+    _backend_arg(p)
+    _quiet_arg(p)
+
+    p = sub.add_parser("info", help="show what a bitstream holds",
+                       description="Header fields, bytes per section and bits per pixel of a bitstream.")
+    p.add_argument("input", metavar="IN", help="bitstream file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="also decode the caption and check the fingerprint against this model")
+
+    p = sub.add_parser("init-tiny", help="write a tiny random model in the real folder layout",
+                       description="Write a tiny, seeded, randomly initialised PerCo (SD) model in exactly the "
+                                   "released folder layout (for tests and the demo; its pixels are meaningless).")
+    p.add_argument("dir", metavar="DIR", help="folder to create (must not exist or be empty)")
+    p.add_argument("--rate", default="0.0313", metavar="BPP",
+                   help="rate preset whose token grid and codebook to keep (default: %(default)s)")
+    p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="weight seed (default: 0)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="CLIP tokenizer folder to copy (transformers format); default: a small built-in one")
+
+    p = sub.add_parser("demo", help="compress and decompress a sample image with the bundled tiny model",
+                       description="Compress and decompress a generated sample image, write a side-by-side "
+                                   "PNG and print the rate and stage timings. The bundled model has random "
+                                   "weights: the pixels are meaningless. Use --model for a real checkpoint.")
+    p.add_argument("--out", default="perco-demo", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--image", default=None, metavar="IMAGE", help="use this image instead of the sample")
+    _model_arg(p, required=False)
+    p.add_argument("--steps", type=_positive, default=None, metavar="N", help="denoising steps")
+    _backend_arg(p)
+    _quiet_arg(p)
+    return parser
+
+
+def _quiet_arg(p):
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing table")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _uint64(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2^64-1, got {text!r}")
+    return value
+
+
+def _say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def _codec(args):
+    from perco.engine.codec import Codec
+
+    folder = args.model
+    if folder is None:
+        from perco.engine.demo import default_model
+
+        folder = default_model(progress=not getattr(args, "quiet", False))
+    return Codec.from_pretrained(folder, backend=args.backend)
+
+
+def _read_bitstream(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PercoError(f"bitstream {path} does not exist") from None
+    except OSError as exc:
+        raise PercoError(f"cannot read bitstream {path}: {exc.strerror or exc}") from None
+
+
+def cmd_compress(args) -> None:
+    from perco.engine.bitstream import Hints
+    from perco.engine.imageio import atomic_write, load_image
+
+    image = load_image(args.image)  # fail on a bad image before loading any model
+    codec = _codec(args)
+    data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint))
+    atomic_write(args.output, data)
+    h, w = image.shape[:2]
+    print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
+    _say(args, "stage timings (compress):\n" + codec.timings.table())
+
+
+def cmd_decompress(args) -> None:
+    from perco.engine.imageio import save_png
+
+    data = _read_bitstream(args.input)
+    codec = _codec(args)
+    image = codec.decompress(data, steps=args.steps, guidance=args.guidance, progress=not args.quiet)
+    save_png(args.output, image)
+    print(f"{args.output}: {image.shape[1]}x{image.shape[0]} PNG")
+    _say(args, "stage timings (decompress):\n" + codec.timings.table())
+
+
+def cmd_info(args) -> None:
+    from perco.engine import bitstream
+
+    data = _read_bitstream(args.input)
+    header, caption_words, index_words, sections = bitstream.parse(data)
+    pixels = header.width * header.height
+    info = {
+        "version": bitstream.VERSION,
+        "fingerprint": header.fingerprint.hex(),
+        "width": header.width,
+        "height": header.height,
+        "seed": header.seed,
+        "hints": {"steps": header.hints.steps, "guidance": header.hints.guidance},
+        "bytes": {"total": sections.total, "header": sections.header, "caption": sections.caption,
+                  "indices": sections.indices, "check": sections.check, "framing": sections.framing},
+        "bpp": {"total": 8 * sections.total / pixels, "caption": 8 * sections.caption / pixels,
+                "indices": 8 * sections.indices / pixels, "framing": 8 * sections.framing / pixels},
+    }
+    if args.model:
+        from perco.engine.model import ModelInfo
+        from perco.engine.text import detokenize
+
+        model = ModelInfo(args.model)
+        _, caption_ids, indices = bitstream.unpack(data, model.stream_spec)
+        info["caption_tokens"] = int(caption_ids.size)
+        info["caption"] = detokenize(caption_ids, model.folder / "tokenizer")
+        info["token_grid"] = list(indices.shape)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    b = info["bytes"]
+    print(f"PerCo Engine bitstream v{info['version']}, model {info['fingerprint']}")
+    print(f"  image     {header.width}x{header.height}, seed {header.seed}, hints {info['hints']}")
+    print(f"  total     {b['total']:6d} bytes  {info['bpp']['total']:.4f} bpp")
+    print(f"  framing   {b['framing']:6d} bytes  (header {b['header']}, check {b['check']})")
+    print(f"  caption   {b['caption']:6d} bytes" + (f"  {info['caption_tokens']} tokens: {info['caption']!r}"
+                                                    if "caption" in info else ""))
+    print(f"  indices   {b['indices']:6d} bytes" + (f"  grid {info['token_grid'][0]}x{info['token_grid'][1]}"
+                                                    if "token_grid" in info else ""))
+
+
+def cmd_init_tiny(args) -> None:
+    from perco.engine.demo import init_tiny
+
+    folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer)
+    print(f"wrote tiny random model (rate {args.rate}, seed {args.seed}) to {folder}")
+
+
+def cmd_demo(args) -> None:
+    from perco.engine.demo import run_demo
+
+    run_demo(args)
+
+
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info,
+            "init-tiny": cmd_init_tiny, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        COMMANDS[args.command](args)
+    except PercoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, with a way to get the traceback
+        if os.environ.get("PERCO_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {exc}); rerun with PERCO_DEBUG=1 for a traceback",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The bundled default model (tiny, random, made on first use), the sample image, and `perco demo`."""
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from perco.engine.errors import ModelError, PercoError
+
+DEMO_RATE = "0.0313"
+DEMO_SEED = 0
+DEMO_CAPTION = "a red barn on a green hill under a blue sky"
+_CACHE_VERSION = "1"  # bump when init-tiny's output changes
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PERCO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "perco-engine"
+    )
+    return Path(root)
+
+
+def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=None) -> Path:
+    """Write a tiny random model to `folder` atomically (a temporary sibling, then a rename)."""
+    try:
+        from perco.export.models.perco_sd import PRESETS, rate_key, write_model_folder
+    except ImportError as exc:
+        raise PercoError(f"init-tiny needs {exc.name}: pip install 'perco-engine[export]'") from None
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise PercoError(f"{folder} already exists and is not an empty folder")
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ModelError(f"tokenizer folder {tokenizer} does not exist")
+    config = PRESETS[f"tiny-{rate_key(rate)}"]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write_model_folder(config, tmp, seed=seed, tokenizer_dir=tokenizer)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def default_model(progress: bool = True) -> Path:
+    """The bundled default model: a tiny seeded model in the cache, created on first use."""
+    folder = cache_dir() / f"tiny-{DEMO_RATE}-seed{DEMO_SEED}-v{_CACHE_VERSION}"
+    if not folder.is_dir():
+        if progress:
+            print(f"creating the bundled tiny model in {folder} (first use) ...", file=sys.stderr)
+        init_tiny(folder)
+    return folder
+
+
+def sample_image(width: int = 768, height: int = 512) -> np.ndarray:
+    """A deterministic synthetic landscape: sky, sun, hills, a barn. uint8 [H, W, 3]."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = x / width, y / height
+    img = np.empty((height, width, 3), np.float32)
+    img[:] = np.stack([110 + 80 * v, 160 + 60 * v, 235 - 20 * v], axis=-1)  # sky gradient
+    sun = (u - 0.8) ** 2 + ((v - 0.2) * height / width) ** 2 < 0.004
+    img[sun] = (255, 230, 120)
+    hill = v > 0.62 + 0.08 * np.sin(6.0 * u) + 0.03 * np.sin(23.0 * u)
+    shade = (1.0 - 0.4 * v)[..., None]
+    img[hill] = (np.array([70, 150, 60], np.float32) * shade)[hill]
+    barn = (u > 0.25) & (u < 0.42) & (v > 0.45) & (v < 0.72)
+    roof = (v <= 0.45) & (v > 0.45 - 0.12 * (1 - np.abs((u - 0.335) / 0.1))) & (np.abs(u - 0.335) < 0.1)
+    img[barn | roof] = (170, 35, 30)
+    door = (u > 0.31) & (u < 0.36) & (v > 0.58) & (v < 0.72)
+    img[door] = (240, 240, 235)
+    texture = np.sin(x * 0.9) * np.sin(y * 1.3) * 6.0  # a little high frequency content
+    return np.clip(img + texture[..., None], 0, 255).astype(np.uint8)
+
+
+def run_demo(args) -> None:
+    from perco.engine.codec import Codec
+    from perco.engine.imageio import atomic_write, load_image, save_png
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PercoError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    image = load_image(args.image) if args.image else sample_image()
+    folder = args.model or default_model(progress=not args.quiet)
+    codec = Codec.from_pretrained(folder, backend=args.backend)
+    if not args.model:
+        print("model: bundled tiny model with RANDOM weights - the decoded pixels are meaningless; "
+              "pass --model DIR with a real PerCo (SD) checkpoint for real reconstructions")
+    print(codec.model.describe())
+
+    data = codec.compress(image, caption=DEMO_CAPTION if not args.image else "")
+    compress_timings = codec.timings
+    atomic_write(out / "image.perco", data)
+    decoded = codec.decompress(data, steps=args.steps, progress=not args.quiet)
+    save_png(out / "original.png", image)
+    save_png(out / "decoded.png", decoded)
+    save_png(out / "side_by_side.png", np.concatenate([image, decoded], axis=1))
+
+    h, w = image.shape[:2]
+    print(f"image {w}x{h}: {len(data)} bytes = {8 * len(data) / (w * h):.4f} bpp -> {out / 'image.perco'}")
+    print(f"decoded {decoded.shape[1]}x{decoded.shape[0]} -> {out / 'side_by_side.png'} (left: original, right: decoded)")
+    print("stage timings (compress):\n" + compress_timings.table())
+    print("stage timings (decompress):\n" + codec.timings.table())
