@@ -140,10 +140,20 @@ def _read_bitstream(path) -> bytes:
         raise PercoError(f"cannot read bitstream {path}: {exc.strerror or exc}") from None
 
 
+def _check_output(path) -> None:
+    """Fail before any work if the output cannot be written where asked."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise PercoError(f"cannot write {path}: folder {parent} does not exist")
+    if Path(path).is_dir():
+        raise PercoError(f"cannot write {path}: it is a folder")
+
+
 def cmd_compress(args) -> None:
     from perco.engine.bitstream import Hints
     from perco.engine.imageio import atomic_write, load_image
 
+    _check_output(args.output)
     image = load_image(args.image)  # fail on a bad image before loading any model
     codec = _codec(args)
     data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint))
@@ -156,6 +166,7 @@ def cmd_compress(args) -> None:
 def cmd_decompress(args) -> None:
     from perco.engine.imageio import save_png
 
+    _check_output(args.output)
     data = _read_bitstream(args.input)
     codec = _codec(args)
     image = codec.decompress(data, steps=args.steps, guidance=args.guidance, progress=not args.quiet)
@@ -224,7 +235,10 @@ COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, after one error line)
+        return int(exc.code or 0)
     if not args.command:
         parser.print_help()
         return 2

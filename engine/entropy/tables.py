@@ -61,8 +61,3 @@ def caption_table(vocab_size: int, eos_id: int, bos_id: int) -> np.ndarray:
     assert table.min() >= 1 and int(table.sum()) == PROB_TOTAL
     table.flags.writeable = False
     return table
-
-
-def min_bits_per_symbol(table: np.ndarray) -> float:
-    """Fewest bits any symbol costs under `table` (bounds how many symbols a stream can hold)."""
-    return PROB_BITS - float(np.log2(int(table.max())))
