@@ -6,10 +6,13 @@
     [varint w, varint h]        if flag 0, else 512 x 512
     [varint seed]               if flag 1, else 0
     [varint n, n x (u8 key, varint value)]   if flag 2
-    varint caption word count C
-    C x u32 LE    caption stream (rANS, caption prior over CLIP token ids, EOS-terminated)
-    ... x u32 LE  index stream (rANS, uniform over the codebook, raster order): the rest
+    varint caption byte count C
+    C bytes       caption stream (rANS, caption prior over CLIP token ids, EOS-terminated)
+    ... bytes     index stream (rANS, uniform over the codebook, raster order): the rest
     4 bytes       CRC-32 (zlib) of every byte before it, LE
+
+A stream is its uint32 LE words with the trailing zero bytes dropped (an AnsCoder stream never
+ends in a zero word, so a reader restores it by zero-padding to whole words).
 
 At 512 x 512 with the default seed and no hints the framing is 1 + 4 + 1 + 1 + 4 = 11 bytes.
 """
@@ -135,13 +138,21 @@ class _Reader:
                 return value
         raise BitstreamError(f"corrupt bitstream: varint too long in the {what}")
 
-    def words(self, count: int, what: str) -> np.ndarray:
-        end = self.pos + 4 * count
+    def stream(self, size: int, what: str) -> np.ndarray:
+        """`size` bytes of a trimmed stream -> its uint32 words."""
+        end = self.pos + size
         if end > len(self.data):
             raise BitstreamError(f"truncated bitstream: ends inside the {what} stream")
-        words = np.frombuffer(self.data, dtype="<u4", count=count, offset=self.pos).astype(np.uint32)
+        raw = self.data[self.pos : end]
         self.pos = end
-        return words
+        if raw and raw[-1] == 0:
+            raise BitstreamError(f"corrupt bitstream: {what} stream ends in a zero byte")
+        raw += b"\0" * (-size % 4)
+        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+
+def _trimmed(words: np.ndarray) -> bytes:
+    return np.asarray(words, dtype="<u4").tobytes().rstrip(b"\0")
 
 
 # --- container -------------------------------------------------------------------------------
@@ -171,9 +182,10 @@ def serialize(header: Header, caption_words: np.ndarray, index_words: np.ndarray
         for key, value in hints:
             out.append(key)
             _put_varint(out, value)
-    _put_varint(out, len(caption_words))
-    out += np.asarray(caption_words, dtype="<u4").tobytes()
-    out += np.asarray(index_words, dtype="<u4").tobytes()
+    caption = _trimmed(caption_words)
+    _put_varint(out, len(caption))
+    out += caption
+    out += _trimmed(index_words)
     out += struct.pack("<I", zlib.crc32(out))
     return bytes(out)
 
@@ -216,15 +228,13 @@ def parse(data: bytes) -> tuple:
                 guidance = value / 100.0
     if steps is not None and not 1 <= steps <= 1000:
         raise BitstreamError(f"corrupt bitstream: hinted step count {steps} outside 1..1000")
-    caption_count = reader.varint("caption length")
+    caption_size = reader.varint("caption length")
     header_len = reader.pos
-    caption = reader.words(caption_count, "caption")
+    caption = reader.stream(caption_size, "caption")
     rest = len(body) - reader.pos
-    if rest % 4:
-        raise BitstreamError("corrupt bitstream: index stream is not a whole number of 32-bit words")
-    indices = reader.words(rest // 4, "index")
+    indices = reader.stream(rest, "index")
     header = Header(bytes(fingerprint), width, height, seed, Hints(steps, guidance))
-    sections = Sections(header=header_len, caption=4 * caption_count, indices=rest, check=CRC_BYTES)
+    sections = Sections(header=header_len, caption=caption_size, indices=rest, check=CRC_BYTES)
     return header, caption, indices, sections
 
 
