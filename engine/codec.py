@@ -108,7 +108,8 @@ class Codec:
         with t.stage("entropy_decode"):
             header, caption_ids, indices = bitstream.unpack(data, self.model.stream_spec)
         steps = steps or header.hints.steps or self.model.default_steps
-        guidance = guidance if guidance is not None else (header.hints.guidance or GUIDANCE)
+        if guidance is None:
+            guidance = header.hints.guidance if header.hints.guidance is not None else GUIDANCE
         sampler = DDIM(self.model.schedule, steps)
 
         with t.stage("text_encode"):
