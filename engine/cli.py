@@ -27,8 +27,13 @@ def _model_arg(p, required=True):
 
 
 def _backend_arg(p):
-    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=["torch"],
-                   help="network backend (default: %(default)s)")
+    from perco.engine.backends import available
+
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=available(),
+                   help="network backend (default: %(default)s); onnxruntime runs exported graphs without torch")
+    p.add_argument("--artifacts", metavar="DIR", default=None,
+                   help="exported graphs for --backend onnxruntime (from 'perco export'); without it, "
+                        "--model is exported into the cache on first use")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer folder to copy (transformers format); default: a small built-in one")
 
+    p = sub.add_parser("export", help="export every network to ONNX (+ manifest)",
+                       description="Export each network of a model to an optimized ONNX graph with dynamic batch "
+                                   "and image size, plus manifest.json. An unchanged re-run reuses the files.")
+    _model_arg(p)
+    p.add_argument("-o", "--output", required=True, metavar="ARTIFACTS", help="artifacts folder")
+    p.add_argument("--opset", type=_positive, default=18, metavar="N", help="ONNX opset (default: %(default)s)")
+    p.add_argument("--batch-max", type=_positive, default=4, metavar="B",
+                   help="largest batch recorded in the profile (default: %(default)s)")
+    p.add_argument("--height", type=_range, default=(64, 512, 1024), metavar="MIN:OPT:MAX",
+                   help="padded image height range in pixels (default: 64:512:1024)")
+    p.add_argument("--width", type=_range, default=(64, 512, 1024), metavar="MIN:OPT:MAX",
+                   help="padded image width range in pixels (default: 64:512:1024)")
+
+    p = sub.add_parser("check", help="parity of exported graphs against torch",
+                       description="Run every exported graph on ONNX Runtime (CPU) and the torch module on the "
+                                   "same seeded inputs; print the max error relative to max |torch output|.")
+    _model_arg(p)
+    p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts folder from 'perco export'")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default: 1e-4)")
+
     p = sub.add_parser("demo", help="compress and decompress a sample image with the bundled tiny model",
                        description="Compress and decompress a generated sample image, write a side-by-side "
                                    "PNG and print the rate and stage timings. The bundled model has random "
@@ -105,6 +130,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _range(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX, got {text!r}")
+    return values
+
+
 def _uint64(text: str) -> int:
     try:
         value = int(text)
@@ -123,12 +158,13 @@ def _say(args, text: str) -> None:
 def _codec(args):
     from perco.engine.codec import Codec
 
-    folder = args.model
-    if folder is None:
+    folder, artifacts = args.model, args.artifacts
+    quiet = getattr(args, "quiet", False)
+    if folder is None and artifacts is None:
         from perco.engine.demo import default_model
 
-        folder = default_model(progress=not getattr(args, "quiet", False))
-    return Codec.from_pretrained(folder, backend=args.backend)
+        folder = default_model(progress=not quiet)
+    return Codec.from_pretrained(folder, backend=args.backend, artifacts=artifacts, progress=not quiet)
 
 
 def _read_bitstream(path) -> bytes:
@@ -226,11 +262,41 @@ def cmd_init_tiny(args) -> None:
 def cmd_demo(args) -> None:
     from perco.engine.demo import run_demo
 
-    run_demo(args)
+    run_demo(args, _codec(args))
+
+
+def _export_module():
+    try:
+        import perco.export.onnx as module
+    except ImportError as exc:
+        raise PercoError(f"export needs {exc.name}: pip install 'perco-engine[export]'") from None
+    return module
+
+
+def cmd_export(args) -> None:
+    onnx_export = _export_module()
+    from perco.export.graphs import Profile
+
+    profile = Profile(batch=(1, 1, args.batch_max), height=args.height, width=args.width)
+    onnx_export.export_model(args.model, args.output, opset=args.opset, profile=profile,
+                             log=lambda text: print(text, file=sys.stderr))
+
+
+def cmd_check(args) -> None:
+    report = _export_module().parity(args.model, args.artifacts)
+    failed = []
+    for name, result in report.items():
+        value = result.get("max_rel_error", result.get("mismatch_fraction"))
+        ok = value <= (args.tolerance if "max_rel_error" in result else 0.0)
+        failed += [] if ok else [name]
+        print(f"{name:15s} {'max rel error' if 'max_rel_error' in result else 'index mismatch'} "
+              f"{value:.3e}  {'ok' if ok else 'FAIL'}")
+    if failed:
+        raise PercoError(f"parity check failed for: {', '.join(failed)}")
 
 
 COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info,
-            "init-tiny": cmd_init_tiny, "demo": cmd_demo}
+            "init-tiny": cmd_init_tiny, "demo": cmd_demo, "export": cmd_export, "check": cmd_check}
 
 
 def main(argv=None) -> int:

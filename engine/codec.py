@@ -16,11 +16,11 @@ from typing import Optional
 import numpy as np
 
 from perco.engine import bitstream
-from perco.engine.backends import load_backend
+from perco.engine.backends import open_backend
 from perco.engine.bitstream import Header, Hints
 from perco.engine.errors import PercoError
 from perco.engine.imageio import as_rgb_array, from_model_output, pad_to_multiple, to_model_input
-from perco.engine.model import GUIDANCE, LATENT_FACTOR, ModelInfo
+from perco.engine.model import GUIDANCE, LATENT_FACTOR, ModelSpec
 from perco.engine.noise import gaussian_noise
 from perco.engine.sampling import DDIM, guided
 from perco.engine.text import CaptionTokenizer
@@ -47,7 +47,7 @@ class StageTimings(dict):
 class Codec:
     """A model plus a backend. `compress` and `decompress` record `timings` per stage."""
 
-    def __init__(self, model: ModelInfo, backend):
+    def __init__(self, model: ModelSpec, backend):
         self.model = model
         self.backend = backend
         self.timings = StageTimings()
@@ -55,9 +55,14 @@ class Codec:
         self._uncond_embedding: Optional[np.ndarray] = None
 
     @classmethod
-    def from_pretrained(cls, folder, backend: str = "torch") -> "Codec":
-        model = ModelInfo(folder)
-        return cls(model, load_backend(backend, model))
+    def from_pretrained(cls, folder=None, backend: str = "torch", artifacts=None, progress: bool = False) -> "Codec":
+        """A codec from a model folder and/or exported artifacts (`perco export`).
+
+        backend "torch" runs the checkpoint; "onnxruntime" runs `artifacts` (exported from
+        `folder` into the cache first when only `folder` is given).
+        """
+        spec, runner = open_backend(backend, folder, artifacts, progress)
+        return cls(spec, runner)
 
     # --- encoder side ---------------------------------------------------------------------
 
@@ -87,7 +92,9 @@ class Codec:
         if not caption:
             return np.zeros(0, dtype=np.int64)
         if self._tokenizer is None:
-            self._tokenizer = CaptionTokenizer(self.model.folder / "tokenizer", self.model.tokens)
+            if self.model.tokenizer_dir is None:
+                raise PercoError("this model has no tokenizer folder: cannot compress a caption")
+            self._tokenizer = CaptionTokenizer(self.model.tokenizer_dir, self.model.tokens)
         return self._tokenizer(caption)
 
     # --- decoder side ---------------------------------------------------------------------

@@ -78,8 +78,7 @@ def sample_image(width: int = 768, height: int = 512) -> np.ndarray:
     return np.clip(img + texture[..., None], 0, 255).astype(np.uint8)
 
 
-def run_demo(args) -> None:
-    from perco.engine.codec import Codec
+def run_demo(args, codec) -> None:
     from perco.engine.imageio import atomic_write, load_image, save_png
 
     out = Path(args.out)
@@ -88,12 +87,10 @@ def run_demo(args) -> None:
     except OSError as exc:
         raise PercoError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
     image = load_image(args.image) if args.image else sample_image()
-    folder = args.model or default_model(progress=not args.quiet)
-    codec = Codec.from_pretrained(folder, backend=args.backend)
-    if not args.model:
+    if not args.model and not args.artifacts:
         print("model: bundled tiny model with RANDOM weights - the decoded pixels are meaningless; "
               "pass --model DIR with a real PerCo (SD) checkpoint for real reconstructions")
-    print(codec.model.describe())
+    print(f"{codec.model.describe()}, backend {codec.backend.name}")
 
     data = codec.compress(image, caption=DEMO_CAPTION if not args.image else "")
     compress_timings = codec.timings

@@ -8,9 +8,10 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Optional
 
 from perco.engine.bitstream import StreamSpec
 from perco.engine.errors import ModelError
@@ -78,8 +79,77 @@ class RateGeometry:
         return REFERENCE_SIDE // self.grid
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the runtime needs to know about a model: identity, geometry, tokens, sampler config.
+
+    Built from a model folder (`ModelInfo(folder).spec`) or read back from an export manifest,
+    so a decoder running exported graphs needs neither the checkpoint nor torch.
+    """
+
+    fingerprint: bytes  # 16 bytes
+    rate: RateGeometry
+    tokens: TokenLayout
+    scheduler_config: dict
+    pad_multiple: int
+    family: str = FAMILY
+    tokenizer_dir: Optional[Path] = None  # for compressing captions; decoding never needs it
+
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_config(self.scheduler_config)
+
+    @property
+    def default_steps(self) -> int:
+        return STEPS_LOW_RATE if self.rate.nominal_bpp < RATE_THRESHOLD else STEPS_HIGH_RATE
+
+    @property
+    def stream_spec(self) -> StreamSpec:
+        return StreamSpec(
+            fingerprint=self.fingerprint,
+            tokens=self.tokens,
+            codebook_size=self.rate.codebook_size,
+            token_stride=self.rate.token_stride,
+            pad_multiple=self.pad_multiple,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.family} model (token grid {self.rate.grid} at 512x512, codebook {self.rate.codebook_size}, "
+            f"{self.rate.nominal_bpp:.4f} bpp nominal, fingerprint {self.fingerprint[:4].hex()})"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "fingerprint": self.fingerprint.hex(),
+            "grid": self.rate.grid,
+            "codebook_size": self.rate.codebook_size,
+            "tokens": asdict(self.tokens),
+            "scheduler": self.scheduler_config,
+            "pad_multiple": self.pad_multiple,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, tokenizer_dir: Optional[Path] = None) -> "ModelSpec":
+        try:
+            spec = cls(
+                fingerprint=bytes.fromhex(d["fingerprint"]),
+                rate=RateGeometry(int(d["grid"]), int(d["codebook_size"])),
+                tokens=TokenLayout(**{k: int(v) for k, v in d["tokens"].items()}),
+                scheduler_config=dict(d["scheduler"]),
+                pad_multiple=int(d["pad_multiple"]),
+                family=str(d["family"]),
+                tokenizer_dir=tokenizer_dir,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model description is malformed: {exc!r}") from None
+        spec.schedule  # validate the scheduler config now, not at the first decode
+        return spec
+
+
 class ModelInfo:
-    """Everything the runtime needs to know about a model folder, read without torch."""
+    """A model folder read without torch: file checks, configs, and its `ModelSpec`."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -102,7 +172,7 @@ class ModelInfo:
             raise ModelError(
                 f"unsupported rate geometry: token grid {self.rate.grid}, codebook {self.rate.codebook_size}"
             )
-        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        NoiseSchedule.from_config(self.scheduler_config)  # refuse unsupported schedulers early
         self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
         self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
 
@@ -111,10 +181,6 @@ class ModelInfo:
         """Images are padded to a multiple of this: the token stride and the UNet's downsampling."""
         unet_down = 2 ** (len(self.configs["unet"].get("block_out_channels", [0] * 4)) - 1)
         return math.lcm(self.rate.token_stride, LATENT_FACTOR * unet_down)
-
-    @property
-    def default_steps(self) -> int:
-        return STEPS_LOW_RATE if self.rate.nominal_bpp < RATE_THRESHOLD else STEPS_HIGH_RATE
 
     @cached_property
     def fingerprint(self) -> bytes:
@@ -141,18 +207,17 @@ class ModelInfo:
         h.update((self.folder / "hyper_enc" / COMPONENTS["hyper_enc"][1]).read_bytes())
         return h.digest()
 
-    @property
-    def stream_spec(self) -> StreamSpec:
-        return StreamSpec(
+    @cached_property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
             fingerprint=self.fingerprint,
+            rate=self.rate,
             tokens=self.tokens,
-            codebook_size=self.rate.codebook_size,
-            token_stride=self.rate.token_stride,
+            scheduler_config=self.scheduler_config,
             pad_multiple=self.pad_multiple,
+            tokenizer_dir=self.folder / "tokenizer",
         )
 
-    def describe(self) -> str:
-        return (
-            f"{FAMILY} model {self.folder} (token grid {self.rate.grid} at 512x512, codebook "
-            f"{self.rate.codebook_size}, {self.rate.nominal_bpp:.4f} bpp nominal, fingerprint {self.fingerprint[:4].hex()})"
-        )
+    @property
+    def stream_spec(self) -> StreamSpec:
+        return self.spec.stream_spec

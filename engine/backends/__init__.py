@@ -12,9 +12,10 @@ import numpy as np
 
 from perco.engine.errors import BackendError
 
-# name -> (module, class, what to install if the import fails)
+# name -> (module with `open_backend(model_dir, artifacts, progress)`, what to install if it is missing)
 _REGISTRY = {
-    "torch": ("perco.export.reference", "TorchBackend", "pip install 'perco-engine[export]'"),
+    "torch": ("perco.export.reference", "pip install 'perco-engine[export]'"),
+    "onnxruntime": ("perco.engine.backends.onnxruntime", "pip install onnxruntime (or onnxruntime-gpu)"),
 }
 
 
@@ -30,13 +31,14 @@ def available() -> list:
     return sorted(_REGISTRY)
 
 
-def load_backend(name: str, model) -> Backend:
-    """Instantiate backend `name` for a `ModelInfo`."""
+def open_backend(name: str, model_dir=None, artifacts=None, progress: bool = False):
+    """(ModelSpec, Backend) for backend `name` from a model folder and/or exported artifacts."""
     if name not in _REGISTRY:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(available())}")
-    module_name, class_name, install = _REGISTRY[name]
+    module_name, install = _REGISTRY[name]
     try:
         module = importlib.import_module(module_name)
+        open_fn = module.open_backend
+        return open_fn(model_dir, artifacts, progress)
     except ImportError as exc:
         raise BackendError(f"backend {name!r} is not installed ({exc.name} missing): {install}") from None
-    return getattr(module, class_name)(model)

@@ -1,0 +1,45 @@
+"""The artifacts manifest (written by `perco export`), read by runtime backends without torch."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from perco.engine.errors import ModelError
+from perco.engine.graphs import GRAPHS
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(folder, verify: bool = False) -> dict:
+    """Read and check a manifest; with `verify`, also hash every file it names."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{folder} holds no exported graphs ({MANIFEST} missing): run 'perco export'") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelError(f"{path} is not a format-{MANIFEST_FORMAT} PerCo Engine manifest: re-run 'perco export'")
+    graphs = manifest.get("graphs", {})
+    missing = sorted(set(GRAPHS) - set(graphs))
+    if missing:
+        raise ModelError(f"{path} lacks graphs: {', '.join(missing)}")
+    for name in GRAPHS:
+        for file, digest in graphs[name].get("sha256", {}).items():
+            target = folder / file
+            if not target.is_file():
+                raise ModelError(f"artifact {target} named by {path} is missing")
+            if verify and file_sha256(target) != digest:
+                raise ModelError(f"artifact {target} does not match its hash in {path}: re-run 'perco export'")
+    return manifest

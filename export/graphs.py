@@ -1,0 +1,157 @@
+"""The torch module behind each graph of `perco.engine.graphs.GRAPHS`, and its export contract.
+
+The torch backend runs these modules and the ONNX exporter exports the very same modules, so
+both backends compute the same thing by construction. Input/output names, dtypes and symbolic
+shapes come from `GRAPHS` (the one declaration); this file turns the symbols into dynamic axes,
+(min, opt, max) shapes for a profile, and seeded sample inputs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from perco.engine.graphs import GRAPHS
+from perco.engine.model import LATENT_FACTOR
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):  # [B, 77] -> [B, 77, D]
+        return self.text_encoder(input_ids).last_hidden_state
+
+
+class VaeEncoder(nn.Module):
+    def __init__(self, vae, scaling_factor: float):
+        super().__init__()
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def forward(self, image):  # [B, 3, H, W] -> [B, 4, H/8, W/8]; the posterior mean (deterministic)
+        return self.vae.encode(image).latent_dist.mean * self.scaling_factor
+
+
+class HyperEncoderGraph(nn.Module):
+    def __init__(self, hyper_enc):
+        super().__init__()
+        self.hyper_enc = hyper_enc
+
+    def forward(self, latent):  # [B, 4, h, w] -> [B, gh, gw] int64
+        return self.hyper_enc(latent)
+
+
+class LocalFeatures(nn.Module):
+    def __init__(self, hyper_enc):
+        super().__init__()
+        self.hyper_enc = hyper_enc
+
+    def forward(self, indices):  # [B, gh, gw] -> [B, M, h, w]
+        return self.hyper_enc.local_features(indices)
+
+
+class Denoiser(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, text_embeddings, local_features):  # -> [2B, 4, h, w]
+        return self.unet(sample, timestep, text_embeddings, local_features, return_dict=False)[0]
+
+
+class VaeDecoder(nn.Module):
+    def __init__(self, vae, scaling_factor: float):
+        super().__init__()
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def forward(self, latent):  # [B, 4, h, w] -> [B, 3, 8h, 8w] in [-1, 1]
+        return self.vae.decode(latent / self.scaling_factor).sample
+
+
+def graph_modules(modules: dict, scaling_factor: float) -> dict:
+    """name -> eval-mode module implementing that graph of GRAPHS."""
+    graphs = {
+        "text_encoder": TextEncoder(modules["text_encoder"]),
+        "vae_encoder": VaeEncoder(modules["vae"], scaling_factor),
+        "hyper_encoder": HyperEncoderGraph(modules["hyper_enc"]),
+        "local_features": LocalFeatures(modules["hyper_enc"]),
+        "denoiser": Denoiser(modules["unet"]),
+        "vae_decoder": VaeDecoder(modules["vae"], scaling_factor),
+    }
+    assert set(graphs) == set(GRAPHS)
+    return {name: g.eval() for name, g in graphs.items()}
+
+
+# --- export contract: symbols -> sizes -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """(min, opt, max) of the batch and of the padded image height and width in pixels."""
+
+    batch: tuple = (1, 1, 4)
+    height: tuple = (64, 512, 1024)
+    width: tuple = (64, 512, 1024)
+
+    def to_dict(self) -> dict:
+        return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
+
+
+def symbol_sizes(profile: Profile, token_stride: int, constants: dict) -> dict:
+    """Each shape symbol -> (min, opt, max). `constants` gives D and M."""
+    sizes = {
+        "B": profile.batch,
+        "2B": tuple(2 * b for b in profile.batch),
+        "H": profile.height,
+        "W": profile.width,
+        "h": tuple(v // LATENT_FACTOR for v in profile.height),
+        "w": tuple(v // LATENT_FACTOR for v in profile.width),
+        "gh": tuple(v // token_stride for v in profile.height),
+        "gw": tuple(v // token_stride for v in profile.width),
+    }
+    sizes.update({k: (v, v, v) for k, v in constants.items()})
+    return sizes
+
+
+def _dims(shape: str) -> list:
+    return shape.split(",")
+
+
+def dynamic_axes(graph: str) -> dict:
+    """ONNX dynamic axes: every symbolic dimension of GRAPHS[graph] (dim_param = the symbol)."""
+    axes = {}
+    for name, _, shape in GRAPHS[graph].inputs + GRAPHS[graph].outputs:
+        dynamic = {i: ("B2" if d == "2B" else d) for i, d in enumerate(_dims(shape)) if d in _DYNAMIC}
+        if dynamic:
+            axes[name] = dynamic
+    return axes
+
+
+_DYNAMIC = {"B", "2B", "H", "W", "h", "w", "gh", "gw"}
+
+
+def io_shapes(graph: str, sizes: dict) -> dict:
+    """name -> {"min": [...], "opt": [...], "max": [...]} for inputs and outputs."""
+    out = {}
+    for name, _, shape in GRAPHS[graph].inputs + GRAPHS[graph].outputs:
+        dims = [sizes[d] if d in sizes else (int(d),) * 3 for d in _dims(shape)]
+        out[name] = {k: [d[i] for d in dims] for i, k in enumerate(("min", "opt", "max"))}
+    return out
+
+
+def sample_inputs(graph: str, sizes: dict, vocab_size: int, codebook_size: int, seed: int = 0) -> tuple:
+    """Seeded inputs at the opt shape, in GRAPHS input order."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for name, dtype, shape in GRAPHS[graph].inputs:
+        dims = [sizes[d][1] if d in sizes else int(d) for d in _dims(shape)]
+        if name == "input_ids":
+            tensors.append(torch.randint(0, vocab_size, dims, generator=g))
+        elif name == "indices":
+            tensors.append(torch.randint(0, codebook_size, dims, generator=g))
+        elif name == "timestep":
+            tensors.append(torch.randint(1, 1000, dims, generator=g).float())
+        else:
+            tensors.append(torch.randn(dims, generator=g))
+    return tuple(tensors)

@@ -1,0 +1,226 @@
+"""ONNX export of every graph, graph cleanup, and the artifacts manifest.
+
+Artifacts folder:
+    manifest.json                   written last, atomically; the only entry point
+    <graph>-<key12>.onnx[.data]     one per graph; external data when the graph exceeds 2 GB
+    tokenizer-<fp8>/                the model's tokenizer files (for compressing captions)
+
+`key` is a content hash of (model fingerprint, opset, profile, exporter versions): re-running an
+unchanged export reuses the files after verifying their hashes; a changed export writes new
+names, so an interrupted run never leaves the manifest pointing at a broken file.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from perco.engine.errors import ModelError, PercoError
+from perco.engine.graphs import GRAPHS
+from perco.engine.manifest import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest
+from perco.engine.model import ModelInfo
+from perco.export.graphs import Profile, dynamic_axes, graph_modules, io_shapes, sample_inputs, symbol_sizes
+from perco.export.models.perco_sd import load_model
+
+DEFAULT_OPSET = 18
+_EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf cannot hold 2 GB
+
+
+def export_key(info: ModelInfo, opset: int, profile: Profile) -> str:
+    from importlib.metadata import version
+
+    payload = {
+        "format": MANIFEST_FORMAT,
+        "fingerprint": info.fingerprint.hex(),
+        "opset": opset,
+        "profile": profile.to_dict(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "perco-engine": version("perco-engine"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def check_profile(profile: Profile, pad_multiple: int) -> None:
+    for name in ("batch", "height", "width"):
+        lo, opt, hi = getattr(profile, name)
+        if not 1 <= lo <= opt <= hi:
+            raise PercoError(f"{name} range {lo}:{opt}:{hi} must satisfy 1 <= min <= opt <= max")
+        if name != "batch" and any(v % pad_multiple for v in (lo, opt, hi)):
+            raise PercoError(f"{name} range {lo}:{opt}:{hi}: every value must be a multiple of {pad_multiple} "
+                             f"(this model pads images to that multiple)")
+
+
+def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profile = Profile(), log=print) -> Path:
+    """Export every graph of GRAPHS; return the manifest path. Reuses an identical earlier export."""
+    info = ModelInfo(model_dir)
+    check_profile(profile, info.pad_multiple)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = export_key(info, opset, profile)
+    if _reusable(out, key):
+        log(f"artifacts in {out} are up to date (key {key[:12]}); reusing them")
+        return out / MANIFEST
+
+    log(f"exporting {info.folder} to {out} (opset {opset}, key {key[:12]})")
+    modules = load_model(info)
+    graphs = graph_modules(modules, info.scaling_factor)
+    constants = {"D": int(info.configs["text_encoder"]["hidden_size"]), "M": int(info.configs["hyper_enc"]["M"])}
+    sizes = symbol_sizes(profile, info.rate.token_stride, constants)
+    entries = {}
+    for i, name in enumerate(GRAPHS, 1):
+        start = time.perf_counter()
+        log(f"[{i}/{len(GRAPHS)}] {name}")
+        args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size)
+        entries[name] = _export_graph(graphs[name], name, args, out, key, opset, sizes, log)
+        entries[name]["export_seconds"] = round(time.perf_counter() - start, 3)
+
+    tokenizer = f"tokenizer-{info.fingerprint[:4].hex()}"
+    _copy_tokenizer(info.folder / "tokenizer", out / tokenizer)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "key": key,
+        "opset": opset,
+        "profile": profile.to_dict(),
+        "model": info.spec.to_dict(),
+        "tokenizer": tokenizer,
+        "graphs": entries,
+    }
+    _atomic_json(out / MANIFEST, manifest)
+    _remove_unreferenced(out, manifest)
+    log(f"wrote {out / MANIFEST}")
+    return out / MANIFEST
+
+
+def _reusable(out: Path, key: str) -> bool:
+    try:
+        manifest = read_manifest(out, verify=True)
+    except PercoError:
+        return False
+    return manifest.get("key") == key
+
+
+def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: int, sizes: dict, log) -> dict:
+    contract = GRAPHS[name]
+    input_names = [n for n, _, _ in contract.inputs]
+    output_names = [n for n, _, _ in contract.outputs]
+    filename = f"{name}-{key[:12]}.onnx"
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            # tracing warns about Python branches on shapes; the graph contract fixes those shapes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes(name), opset_version=opset, do_constant_folding=True,
+                              dynamo=False)
+        model = onnx.load(str(raw))
+        passes = _optimize(model, log)
+        model = passes.pop("model")
+        staged = Path(tmp) / filename
+        external = model.ByteSize() > _EXTERNAL_DATA_BYTES if _fits_protobuf(model) else True
+        if external:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=filename + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(staged))
+        del model
+        onnx.shape_inference.infer_shapes_path(str(staged), str(staged))
+        onnx.checker.check_model(str(staged))
+        passes["shape_inference"] = len(onnx.load(str(staged), load_external_data=False).graph.node)
+        log(f"    nodes: " + ", ".join(f"{k} {v}" for k, v in passes.items()) + "; onnx.checker ok")
+        files = [filename] + ([filename + ".data"] if external else [])
+        for f in files:  # stage complete: move into place (new names; nothing live is overwritten)
+            os.replace(Path(tmp) / f, out / f)
+    return {
+        "file": filename,
+        "external_data": filename + ".data" if external else None,
+        "sha256": {f: file_sha256(out / f) for f in files},
+        "bytes": sum((out / f).stat().st_size for f in files),
+        "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in contract.inputs],
+        "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in contract.outputs],
+        "dynamic_axes": {k: {str(i): v for i, v in axes.items()} for k, axes in dynamic_axes(name).items()},
+        "shapes": io_shapes(name, sizes),
+        "nodes": passes,
+    }
+
+
+def _fits_protobuf(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except ValueError:
+        return False
+
+
+def _optimize(model, log) -> dict:
+    """Cleanup, constant folding, cleanup again (onnx-graphsurgeon); node count after each pass."""
+    import onnx_graphsurgeon as gs
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # folding is best effort; keep its warnings quiet
+    counts = {"export": len(model.graph.node)}
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    counts["cleanup"] = len(graph.nodes)
+    graph.fold_constants(error_ok=True, size_threshold=64 << 20).cleanup().toposort()
+    counts["fold_constants"] = len(graph.nodes)
+    optimized = gs.export_onnx(graph)
+    optimized.ir_version = model.ir_version
+    return dict(counts, model=optimized)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    target.mkdir(exist_ok=True)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / f).is_file():
+            shutil.copyfile(source / f, target / f)
+
+
+def _atomic_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _remove_unreferenced(out: Path, manifest: dict) -> None:
+    keep = {f for g in manifest["graphs"].values() for f in g["sha256"]}
+    for path in out.iterdir():
+        if path.suffix in (".onnx", ".data") and path.name not in keep and path.name.split("-")[0] in GRAPHS:
+            path.unlink()
+
+
+def parity(model_dir, artifacts, seed: int = 0) -> dict:
+    """Each exported graph vs the torch module on seeded inputs: max error relative to max |reference|."""
+    import onnxruntime as ort
+
+    info = ModelInfo(model_dir)
+    manifest = read_manifest(artifacts, verify=False)
+    if manifest["model"]["fingerprint"] != info.fingerprint.hex():
+        raise ModelError("artifacts were exported from another model")
+    graphs = graph_modules(load_model(info), info.scaling_factor)
+    constants = {"D": int(info.configs["text_encoder"]["hidden_size"]), "M": int(info.configs["hyper_enc"]["M"])}
+    profile = Profile(**{k: tuple(v) for k, v in manifest["profile"].items()})
+    sizes = symbol_sizes(profile, info.rate.token_stride, constants)
+    report = {}
+    for name in GRAPHS:
+        args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, seed=seed + 1)
+        with torch.no_grad():
+            reference = graphs[name](*args).numpy()
+        session = ort.InferenceSession(str(Path(artifacts) / manifest["graphs"][name]["file"]),
+                                       providers=["CPUExecutionProvider"])
+        feed = {n: a.numpy() for (n, _, _), a in zip(GRAPHS[name].inputs, args)}
+        actual = session.run(None, feed)[0]
+        if reference.dtype == np.int64:
+            report[name] = {"mismatch_fraction": float((actual != reference).mean())}
+        else:
+            err = float(np.abs(actual - reference).max() / max(float(np.abs(reference).max()), 1e-12))
+            report[name] = {"max_rel_error": err}
+    return report
