@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="weight seed (default: 0)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer folder to copy (transformers format); default: a small built-in one")
+    p.add_argument("--full-size", action="store_true",
+                   help="SD 2.1 dimensions instead of tiny ones (about 5 GB of random weights), for export "
+                        "and speed measurements")
 
     p = sub.add_parser("export", help="export every network to ONNX (+ manifest)",
                        description="Export each network of a model to an optimized ONNX graph with dynamic batch "
@@ -255,8 +258,9 @@ def cmd_info(args) -> None:
 def cmd_init_tiny(args) -> None:
     from perco.engine.demo import init_tiny
 
-    folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer)
-    print(f"wrote tiny random model (rate {args.rate}, seed {args.seed}) to {folder}")
+    folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer, full_size=args.full_size)
+    size = "full-size" if args.full_size else "tiny"
+    print(f"wrote {size} random model (rate {args.rate}, seed {args.seed}) to {folder}")
 
 
 def cmd_demo(args) -> None:

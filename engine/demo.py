@@ -23,8 +23,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=None) -> Path:
-    """Write a tiny random model to `folder` atomically (a temporary sibling, then a rename)."""
+def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=None, full_size: bool = False) -> Path:
+    """Write a tiny (or full-size) random model to `folder` atomically (a temporary sibling, then a rename)."""
     try:
         from perco.export.models.perco_sd import PRESETS, rate_key, write_model_folder
     except ImportError as exc:
@@ -34,7 +34,7 @@ def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=No
         raise PercoError(f"{folder} already exists and is not an empty folder")
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ModelError(f"tokenizer folder {tokenizer} does not exist")
-    config = PRESETS[f"tiny-{rate_key(rate)}"]
+    config = PRESETS[rate_key(rate) if full_size else f"tiny-{rate_key(rate)}"]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
