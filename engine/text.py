@@ -108,13 +108,13 @@ def detokenize(content_ids, folder: Path) -> str:
     """Best-effort text of content ids from vocab.json (for display in `perco info`)."""
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     inverse = {v: k for k, v in vocab.items()}
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     byte_of[" "] = ord(" ")  # word ends ("</w>") become spaces
     text = "".join(inverse.get(int(i), "") for i in content_ids).replace("</w>", " ")
     return bytes(byte_of.get(c, ord("?")) for c in text).decode("utf-8", errors="replace").strip()
 
 
-def _bytes_to_unicode() -> dict:
+def bytes_to_unicode() -> dict:
     """GPT-2/CLIP byte <-> printable character table used by byte-level BPE vocabularies."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
         range(ord("®"), ord("ÿ") + 1)

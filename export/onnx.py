@@ -121,11 +121,10 @@ def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: in
             torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes(name), opset_version=opset, do_constant_folding=True,
                               dynamo=False)
-        model = onnx.load(str(raw))
-        passes = _optimize(model, log)
+        passes = _optimize(raw)
         model = passes.pop("model")
         staged = Path(tmp) / filename
-        external = model.ByteSize() > _EXTERNAL_DATA_BYTES if _fits_protobuf(model) else True
+        external = _proto_bytes(model) > _EXTERNAL_DATA_BYTES
         if external:
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=filename + ".data", size_threshold=1024)
@@ -152,28 +151,34 @@ def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: in
     }
 
 
-def _fits_protobuf(model) -> bool:
+def _proto_bytes(model) -> int:
+    """Serialized size, or more than 2 GB when protobuf refuses to serialize it at all."""
+    from google.protobuf.message import EncodeError
+
     try:
-        model.ByteSize()
-        return True
-    except ValueError:
-        return False
+        return model.ByteSize()
+    except (ValueError, EncodeError):
+        return 1 << 31
 
 
-def _optimize(model, log) -> dict:
+def _optimize(raw: Path) -> dict:
     """Cleanup, constant folding, cleanup again (onnx-graphsurgeon); node count after each pass."""
     import onnx_graphsurgeon as gs
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # folding is best effort; keep its warnings quiet
+    model = onnx.load(str(raw))
     counts = {"export": len(model.graph.node)}
     graph = gs.import_onnx(model)
+    ir_version = model.ir_version
+    del model  # the graph holds the weights now; do not keep a second copy of a multi-GB proto
     graph.cleanup().toposort()
     counts["cleanup"] = len(graph.nodes)
     graph.fold_constants(error_ok=True, size_threshold=64 << 20).cleanup().toposort()
     counts["fold_constants"] = len(graph.nodes)
     optimized = gs.export_onnx(graph)
-    optimized.ir_version = model.ir_version
+    del graph
+    optimized.ir_version = ir_version
     return dict(counts, model=optimized)
 
 

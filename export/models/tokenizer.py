@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from perco.engine.errors import ModelError
-from perco.engine.text import _bytes_to_unicode
+from perco.engine.text import bytes_to_unicode
 
 _WORDS = """
 a an the of in on with and to at by for from near next under over front top side behind
@@ -31,7 +31,7 @@ _SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_t
 
 def _learn_merges(words, count: int) -> list:
     """Greedy BPE over words (each a tuple of symbols, the last one ending in '</w>')."""
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     corpus = Counter()
     for word in words:
         chars = [byte_char[b] for b in word.encode("utf-8")]
@@ -63,7 +63,7 @@ def _learn_merges(words, count: int) -> list:
 
 def write_builtin_tokenizer(folder: Path, num_merges: int = 400) -> int:
     """Write the small built-in CLIP-format tokenizer; return its vocabulary size."""
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     vocab = base + [c + "</w>" for c in base]
     merges = _learn_merges(_WORDS, num_merges)
     for a, b in merges:
