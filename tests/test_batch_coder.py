@@ -1,0 +1,81 @@
+"""Batched coder: CPU path everywhere; the CUDA path (same words, same statuses) where a GPU is present."""
+
+import numpy as np
+import pytest
+
+from perco.engine.entropy import encode_symbols, uniform_table
+from perco.engine.entropy.batch import CORRUPT, OK, TRUNCATED, BatchCoder, Model
+from perco.engine.entropy.tables import PROB_TOTAL, tables_from_logits
+
+
+def _batch(k, lengths, rng, per_symbol=False, static=False):
+    total = sum(lengths)
+    if per_symbol:
+        model = Model(k, tables_from_logits(rng.standard_normal((total, k)).astype(np.float32) * 2))
+    elif static:
+        model = Model(k, tables_from_logits(rng.standard_normal(k).astype(np.float32) * 3))
+    else:
+        model = Model(k)
+    symbols = [rng.integers(0, k, n).astype(np.int32) for n in lengths]
+    return model, symbols
+
+
+@pytest.mark.parametrize("k", [2, 3, 256, 8192, 65536])
+@pytest.mark.parametrize("kind", ["uniform", "static", "per_symbol"])
+def test_cpu_round_trip(k, kind):
+    rng = np.random.default_rng(k)
+    lengths = [0, 1, 2, 7, 33] if kind == "per_symbol" and k >= 8192 else [0, 1, 2, 7, 333]
+    model, symbols = _batch(k, lengths, rng, per_symbol=kind == "per_symbol", static=kind == "static")
+    coder = BatchCoder(use_gpu=False)
+    streams = coder.encode(symbols, model)
+    decoded, status = coder.decode(streams, lengths, model)
+    assert (status == OK).all()
+    for a, b in zip(decoded, symbols):
+        np.testing.assert_array_equal(a, b)
+    if kind != "per_symbol":  # the same bytes as the single-stream coder of the bitstream
+        table = uniform_table(k) if model.table is None else model.table
+        for words, part in zip(streams, symbols):
+            np.testing.assert_array_equal(words, encode_symbols(part, table))
+
+
+def test_cpu_statuses():
+    coder = BatchCoder(use_gpu=False)
+    model = Model(256)
+    good = coder.encode([np.full(300, 5, np.int32)], model)[0]
+    streams = [np.array([7, 0], np.uint32), np.concatenate([[12345, 999], good]).astype(np.uint32),
+               good[-2:], good]
+    _, status = coder.decode(streams, [1, 300, 300, 300], model)
+    assert status.tolist() == [CORRUPT, CORRUPT, TRUNCATED, OK]
+
+
+def test_model_cdf():
+    cdf = Model(4).cdf()
+    assert cdf.tolist() == [[0, 1 << 22, 2 << 22, 3 << 22, PROB_TOTAL]]
+
+
+
+
+@pytest.mark.skipif(BatchCoder().device != "cuda",
+                    reason="needs a CUDA GPU and PERCO_KERNELS_LIB pointing at the built libperco_kernels.so")
+@pytest.mark.parametrize("kind", ["uniform", "static", "per_symbol"])
+@pytest.mark.parametrize("k", [2, 256, 65536])
+def test_gpu_matches_cpu(kind, k):
+    rng = np.random.default_rng(k + len(kind))
+    lengths = list(rng.integers(0, 200, 500)) + [0, 1, 100_000]
+    if kind == "per_symbol":
+        lengths = lengths[:50]
+    model, symbols = _batch(k, lengths, rng, per_symbol=kind == "per_symbol", static=kind == "static")
+    gpu, cpu = BatchCoder(), BatchCoder(use_gpu=False)
+    streams = gpu.encode(symbols, model)
+    for a, b in zip(streams, cpu.encode(symbols, model)):
+        np.testing.assert_array_equal(a, b)
+    broken = [s.copy() for s in streams]
+    for s in broken[::7]:
+        if s.size > 2:
+            s[len(s) // 2] ^= 0x1234
+    for batch in (streams, broken, [s[1:] for s in streams]):
+        (g, gs), (c, cs) = gpu.decode(batch, lengths, model), cpu.decode(batch, lengths, model)
+        np.testing.assert_array_equal(gs, cs)
+        for a, b, st in zip(g, c, gs):
+            if st == OK:
+                np.testing.assert_array_equal(a, b)
