@@ -79,3 +79,16 @@ def test_gpu_matches_cpu(kind, k):
         for a, b, st in zip(g, c, gs):
             if st == OK:
                 np.testing.assert_array_equal(a, b)
+
+
+def test_entropy_benchmark_smoke(tmp_path):
+    """The benchmark script runs (CPU path) so it never drifts from the API."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "entropy.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--repeats", "1", "--out", str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "decode Msym/s" in (tmp_path / "e.md").read_text()
