@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps (default: the bitstream's hint, else 20 below 0.05 bpp, 5 at or above)")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help="classifier-free guidance scale (default: 3.0)")
+    _sampler_args(p)
     _backend_arg(p)
     _quiet_arg(p)
 
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_arg(p)
     _quiet_arg(p)
     return parser
+
+
+def _sampler_args(p):
+    from perco.engine.sampling import SAMPLERS
+
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
+                   help="ddim (the PerCo (SD) reference) or dpmpp2m (DPM-Solver++ 2M, for few steps)")
+    p.add_argument("--guidance-stop", type=int, default=0, metavar="N",
+                   help="run the last N steps without guidance (conditional branch only; default 0)")
 
 
 def _quiet_arg(p):
@@ -208,7 +218,8 @@ def cmd_decompress(args) -> None:
     _check_output(args.output)
     data = _read_bitstream(args.input)
     codec = _codec(args)
-    image = codec.decompress(data, steps=args.steps, guidance=args.guidance, progress=not args.quiet)
+    image = codec.decompress(data, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                             guidance_stop=args.guidance_stop, progress=not args.quiet)
     save_png(args.output, image)
     print(f"{args.output}: {image.shape[1]}x{image.shape[0]} PNG")
     _say(args, "stage timings (decompress):\n" + codec.timings.table())

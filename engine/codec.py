@@ -22,7 +22,7 @@ from perco.engine.errors import PercoError
 from perco.engine.imageio import as_rgb_array, from_model_output, pad_to_multiple, to_model_input
 from perco.engine.model import GUIDANCE, LATENT_FACTOR, ModelSpec
 from perco.engine.noise import gaussian_noise
-from perco.engine.sampling import DDIM, guided
+from perco.engine.sampling import guided, make_sampler
 from perco.engine.text import CaptionTokenizer
 
 
@@ -104,55 +104,92 @@ class Codec:
         data: bytes,
         steps: Optional[int] = None,
         guidance: Optional[float] = None,
+        sampler: str = "ddim",
+        guidance_stop: int = 0,
         progress: bool = False,
     ) -> np.ndarray:
         """Bitstream bytes -> uint8 [H, W, 3] at the original size.
 
         `steps` and `guidance` default to the bitstream's hints, then to the model's defaults
-        (20 steps below 0.05 bpp, 5 at or above; guidance 3.0).
+        (20 steps below 0.05 bpp, 5 at or above; guidance 3.0). `sampler` is "ddim" (the
+        reference) or "dpmpp2m"; the last `guidance_stop` steps run the conditional branch only.
         """
+        return self.decompress_batch([data], steps, guidance, sampler, guidance_stop, progress)[0]
+
+    def decompress_batch(
+        self,
+        datas: list,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        sampler: str = "ddim",
+        guidance_stop: int = 0,
+        progress: bool = False,
+    ) -> list:
+        """Decode bitstreams of one image size together (one network call per step for all).
+
+        Steps and guidance come from the arguments, else the first bitstream's hints, else the
+        model's defaults. Results can differ from one-by-one decoding in the last bits, since
+        the networks run at another batch size.
+        """
+        if not datas:
+            return []
         self.timings = t = StageTimings()
         with t.stage("entropy_decode"):
-            header, caption_ids, indices = bitstream.unpack(data, self.model.stream_spec)
-        steps = steps or header.hints.steps or self.model.default_steps
+            decoded = [bitstream.unpack(data, self.model.stream_spec) for data in datas]
+        headers = [header for header, _, _ in decoded]
+        sizes = {(h.width, h.height) for h in headers}
+        if len(sizes) > 1:
+            raise PercoError(f"a batch must hold images of one size, got {sorted(sizes)}")
+        hints = headers[0].hints
+        steps = steps or hints.steps or self.model.default_steps
         if guidance is None:
-            guidance = header.hints.guidance if header.hints.guidance is not None else GUIDANCE
-        sampler = DDIM(self.model.schedule, steps)
+            guidance = hints.guidance if hints.guidance is not None else GUIDANCE
+        try:
+            schedule = make_sampler(sampler, self.model.schedule, steps)
+        except ValueError as exc:
+            raise PercoError(str(exc)) from None
+        if not 0 <= guidance_stop <= steps:
+            raise PercoError(f"guidance_stop must be in 0..{steps} (the step count), got {guidance_stop}")
+        batch = len(datas)
 
         with t.stage("text_encode"):
-            cond = self._encode_text(caption_ids)  # [1, 77, D]
-            uncond = self._uncond()
-            text = np.concatenate([uncond, cond])  # [2, 77, D]: (uncond, cond)
+            cond = self._encode_text([caption for _, caption, _ in decoded])  # [B, 77, D]
+            text = np.concatenate([np.repeat(self._uncond(), batch, axis=0), cond])  # [2B, 77, D]: (uncond, cond)
         with t.stage("local_features"):  # once per image, reused by every step
-            local = self._run("local_features", indices=indices[None].astype(np.int64))["local_features"]
-            local = np.concatenate([local, local])  # [2, M, h, w]: both branches see the same layout
+            indices = np.stack([ids for _, _, ids in decoded]).astype(np.int64)  # [B, gh, gw]
+            local = self._run("local_features", indices=indices)["local_features"]  # [B, M, h, w]
+            local2 = np.concatenate([local, local])  # both guidance branches see the same layout
         h, w = local.shape[2:]
-        latent = gaussian_noise(header.seed, (1, 4, h, w))  # init_noise_sigma is 1 for DDIM
+        latent = np.concatenate([gaussian_noise(hd.seed, (1, 4, h, w)) for hd in headers])  # [B, 4, h, w]
 
+        guided_steps = steps - guidance_stop
         with t.stage("denoise"):
-            for step_t in _progress(sampler.timesteps, progress):
-                out = self._run(
-                    "denoiser",
-                    sample=np.concatenate([latent, latent]),
-                    timestep=np.full(2, step_t, dtype=np.float32),
-                    text_embeddings=text,
-                    local_features=local,
-                )["model_output"]
-                latent = sampler.step(guided(out, guidance), int(step_t), latent)
+            for i, step_t in enumerate(_progress(schedule.timesteps, progress)):
+                if i < guided_steps:
+                    out = self._run("denoiser", sample=np.concatenate([latent, latent]),
+                                    timestep=np.full(2 * batch, step_t, dtype=np.float32),
+                                    text_embeddings=text, local_features=local2)["model_output"]
+                    out = guided(out, guidance)
+                else:  # guidance stopped: the conditional branch alone, half the work
+                    out = self._run("denoiser", sample=latent, timestep=np.full(batch, step_t, dtype=np.float32),
+                                    text_embeddings=cond, local_features=local)["model_output"]
+                latent = schedule.step(out, int(step_t), latent)
         with t.stage("vae_decode"):
-            image = self._run("vae_decoder", latent=latent)["image"]  # [1, 3, 8h, 8w]
+            image = self._run("vae_decoder", latent=latent)["image"]  # [B, 3, 8h, 8w]
         with t.stage("postprocess"):
             assert image.shape[2:] == (LATENT_FACTOR * h, LATENT_FACTOR * w), image.shape
-            rgb = from_model_output(image)[: header.height, : header.width]
-        return np.ascontiguousarray(rgb)
+            header = headers[0]
+            out_images = [np.ascontiguousarray(from_model_output(image[i : i + 1])[: header.height, : header.width])
+                          for i in range(batch)]
+        return out_images
 
-    def _encode_text(self, content_ids) -> np.ndarray:
-        ids = self.model.tokens.input_ids(content_ids)[None]
+    def _encode_text(self, captions: list) -> np.ndarray:
+        ids = np.stack([self.model.tokens.input_ids(c) for c in captions])  # [B, 77]
         return self._run("text_encoder", input_ids=ids)["text_embeddings"]
 
     def _uncond(self) -> np.ndarray:
         if self._uncond_embedding is None:  # the empty caption, once per codec
-            self._uncond_embedding = self._encode_text([])
+            self._uncond_embedding = self._encode_text([[]])
         return self._uncond_embedding
 
     def _run(self, graph: str, **inputs) -> dict:

@@ -1,10 +1,14 @@
 """Samplers in numpy: timestep schedules and update rules, shared by every backend.
 
-`DDIM` reproduces diffusers' `DDIMScheduler` (eta = 0) from the same scheduler config;
-tests/test_sampling.py checks both the timesteps and every update against diffusers.
+`DDIM` reproduces diffusers' `DDIMScheduler` (eta = 0) and `DPMSolverPP2M` diffusers'
+`DPMSolverMultistepScheduler` (DPM-Solver++, order 2, midpoint, final sigma 0) from the same
+scheduler config; tests/test_sampling_noise.py checks the timesteps and every update against
+diffusers. A sampler has `timesteps` and `step(model_output, t, sample) -> previous sample`,
+works on any batch, and starts from unit-variance noise.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -20,7 +24,7 @@ class NoiseSchedule:
     timestep_spacing: str
     steps_offset: int
     final_alpha_cumprod: float
-
+    explicit_spacing: Optional[str] = None  # timestep_spacing as written in the config, if it is
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
@@ -56,6 +60,7 @@ class NoiseSchedule:
             timestep_spacing=spacing,
             steps_offset=int(config.get("steps_offset", 0)),
             final_alpha_cumprod=final,
+            explicit_spacing=config.get("timestep_spacing"),
         )
 
 
@@ -88,6 +93,75 @@ class DDIM:
             x0, eps = out, (x - a * out) / s
         prev = np.sqrt(alpha_prev) * x0 + np.sqrt(1.0 - alpha_prev) * eps
         return prev.astype(np.float32)
+
+
+class DPMSolverPP2M:
+    """DPM-Solver++ (2M): second-order multistep, first order on the first and the last step.
+
+    Timestep spacing defaults to "linspace" (diffusers' default for this scheduler) unless the
+    config names one; the final sigma is 0, so the last step returns the predicted clean sample.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps: int):
+        n = schedule.num_train_timesteps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must be in 1..{n}, got {steps}")
+        spacing = schedule.explicit_spacing or "linspace"
+        if spacing == "linspace":
+            ts = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif spacing == "leading":
+            ratio = n // (steps + 1)
+            ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
+        else:  # trailing
+            ts = np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
+        self.schedule, self.steps, self.timesteps = schedule, steps, ts
+        all_sigmas = np.sqrt((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod)
+        sigmas = np.interp(ts, np.arange(n), all_sigmas)
+        self._sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+        self._x0 = []  # predicted clean samples of the previous steps
+        self._index = 0
+
+    @staticmethod
+    def _alpha_sigma(sigma: float) -> tuple:
+        alpha = 1.0 / np.sqrt(sigma**2 + 1.0)
+        return alpha, sigma * alpha
+
+    def step(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
+        i = self._index
+        if i >= self.steps or int(self.timesteps[i]) != int(t):
+            raise ValueError(f"DPM-Solver++ steps must follow its timesteps; got t={t} at step {i}")
+        x = sample.astype(np.float64)
+        out = model_output.astype(np.float64)
+        alpha_s, sigma_s = self._alpha_sigma(self._sigmas[i])
+        kind = self.schedule.prediction_type
+        if kind == "epsilon":
+            x0 = (x - sigma_s * out) / alpha_s
+        elif kind == "v_prediction":
+            x0 = alpha_s * x - sigma_s * out
+        else:
+            x0 = out
+        self._x0 = (self._x0 + [x0])[-2:]
+        alpha_t, sigma_t = self._alpha_sigma(self._sigmas[i + 1])
+        if sigma_t == 0.0:  # final step to sigma 0: the update is exactly the predicted sample
+            prev = x0
+        else:
+            h = np.log(alpha_t / sigma_t) - np.log(alpha_s / sigma_s)
+            prev = (sigma_t / sigma_s) * x - alpha_t * np.expm1(-h) * x0
+            if i > 0:  # second order (midpoint) with the previous prediction
+                alpha_p, sigma_p = self._alpha_sigma(self._sigmas[i - 1])
+                r = (np.log(alpha_s / sigma_s) - np.log(alpha_p / sigma_p)) / h
+                prev = prev - 0.5 * alpha_t * np.expm1(-h) * (x0 - self._x0[0]) / r
+        self._index += 1
+        return prev.astype(np.float32)
+
+
+SAMPLERS = {"ddim": DDIM, "dpmpp2m": DPMSolverPP2M}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](schedule, steps)
 
 
 def _timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:

@@ -72,3 +72,39 @@ def test_readme_example_runs(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setenv("PERCO_CACHE", str(tmp_path / "cache"))
     exec(compile(code, "README.md", "exec"), {})
     assert any((tmp_path / "cache").iterdir())
+
+
+def _recording(codec):
+    calls = []
+    run = codec.backend.run
+
+    def record(graph, inputs):
+        calls.append((graph, {k: v.shape for k, v in inputs.items()}))
+        return run(graph, inputs)
+
+    return calls, record
+
+
+def test_batch_decode_matches_single(codec):
+    datas = [codec.compress(random_image(40, 56, seed=s), caption=c, seed=s) for s, c in [(1, "a dog"), (2, ""), (3, "x")]]
+    batch = codec.decompress_batch(datas, steps=2)
+    for data, image in zip(datas, batch):
+        single = codec.decompress(data, steps=2).astype(np.float64)
+        mse = ((single - image) ** 2).mean()
+        assert image.shape == (40, 56, 3) and (mse == 0 or 10 * np.log10(255**2 / mse) > 40)
+    with pytest.raises(PercoError, match="one size"):
+        codec.decompress_batch([datas[0], codec.compress(random_image(32, 32))])
+
+
+def test_dpm_sampler_and_guidance_stop(codec, monkeypatch):
+    data = codec.compress(random_image(32, 48), caption="a barn")
+    calls, record = _recording(codec)
+    monkeypatch.setattr(codec.backend, "run", record)
+    image = codec.decompress(data, steps=4, sampler="dpmpp2m", guidance_stop=1)
+    assert image.shape == (32, 48, 3)
+    batches = [shapes["sample"][0] for graph, shapes in calls if graph == "denoiser"]
+    assert batches == [2, 2, 2, 1]  # guided steps at batch 2B, the last one conditional only
+    with pytest.raises(PercoError, match="guidance_stop"):
+        codec.decompress(data, steps=2, guidance_stop=3)
+    with pytest.raises(PercoError, match="unknown sampler"):
+        codec.decompress(data, steps=2, sampler="euler")

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from perco.engine.noise import gaussian_noise
-from perco.engine.sampling import DDIM, NoiseSchedule, guided
+from perco.engine.sampling import DDIM, DPMSolverPP2M, NoiseSchedule, guided, make_sampler
 from perco.export.models.perco_sd import SD21_SCHEDULER
 
 CONFIGS = {
@@ -35,6 +35,34 @@ def test_ddim_matches_diffusers(name, steps):
         x_ours = ours.step(out, int(t), x_ours)
         x_theirs = theirs.step(torch.from_numpy(out), int(t), x_theirs, eta=0.0).prev_sample
         np.testing.assert_allclose(x_ours, x_theirs.numpy(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+def test_dpmpp2m_matches_diffusers(name, steps):
+    config = {k: v for k, v in CONFIGS[name].items() if not k.startswith("_")}
+    ours = DPMSolverPP2M(NoiseSchedule.from_config(config), steps)
+    theirs = DPMSolverMultistepScheduler.from_config(config)  # algorithm dpmsolver++, order 2, midpoint
+    theirs.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
+    rng = np.random.default_rng(steps)
+    x_ours = rng.standard_normal((2, 4, 8, 6)).astype(np.float32)
+    x_theirs = torch.from_numpy(x_ours.copy())
+    for t in ours.timesteps:
+        out = np.tanh(x_ours * 0.7 + t / 1000.0).astype(np.float32)
+        x_ours = ours.step(out, int(t), x_ours)
+        x_theirs = theirs.step(torch.from_numpy(out), int(t), x_theirs).prev_sample
+        np.testing.assert_allclose(x_ours, x_theirs.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_samplers_by_name():
+    schedule = NoiseSchedule.from_config(SD21_SCHEDULER)
+    assert isinstance(make_sampler("dpmpp2m", schedule, 5), DPMSolverPP2M)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("euler", schedule, 5)
+    sampler = make_sampler("dpmpp2m", schedule, 3)
+    with pytest.raises(ValueError, match="must follow its timesteps"):
+        sampler.step(np.zeros(1, np.float32), int(sampler.timesteps[1]), np.zeros(1, np.float32))
 
 
 def test_guidance_order_is_uncond_then_cond():
