@@ -107,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts folder from 'perco export'")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default: 1e-4)")
 
+    p = sub.add_parser("bench", help="latency and throughput, backends side by side",
+                       description="Per-stage latency, end-to-end decode and throughput of each backend on the "
+                                   "same bitstreams; JSON, markdown and a PNG plot. --smoke: tiny model, seconds.")
+    _model_arg(p, required=False)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and steps (what CI runs)")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated (default: %(default)s)")
+    p.add_argument("--sizes", default="512x512,768x512", help="WxH list (default: %(default)s)")
+    p.add_argument("--steps", default="1,5,20", help="step counts for latency (default: %(default)s)")
+    p.add_argument("--batches", default="1,2,4,8,16,32", help="batch sizes for throughput (default: %(default)s)")
+    p.add_argument("--throughput-steps", default="5,20", help="step counts for throughput (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed repeats (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results/bench", metavar="PATH",
+                   help="output path without suffix (default: %(default)s)")
+
     p = sub.add_parser("demo", help="compress and decompress a sample image with the bundled tiny model",
                        description="Compress and decompress a generated sample image, write a side-by-side "
                                    "PNG and print the rate and stage timings. The bundled model has random "
@@ -280,6 +294,29 @@ def cmd_demo(args) -> None:
     run_demo(args, _codec(args))
 
 
+def cmd_bench(args) -> None:
+    try:
+        from perco.benchmarks.harness import BenchConfig, run, smoke_config
+    except ImportError as exc:
+        raise PercoError(f"perco bench needs {exc.name}: pip install 'perco-engine[export]'") from None
+    from perco.engine.demo import default_model
+
+    model = args.model or str(default_model(progress=True))
+    try:
+        if args.smoke:
+            config = smoke_config(model, args.out)
+        else:
+            config = BenchConfig(
+                model=model, backends=args.backends.split(","), repeats=args.repeats, out=args.out,
+                sizes=[tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")],
+                steps=[int(v) for v in args.steps.split(",")], batches=[int(v) for v in args.batches.split(",")],
+                throughput_steps=[int(v) for v in args.throughput_steps.split(",")])
+    except ValueError:
+        raise PercoError("--sizes takes WxH[,WxH...]; --steps, --batches, --throughput-steps take N[,N...]") from None
+    run(config, log=lambda text: print(text, file=sys.stderr))
+    print(f"wrote {args.out}.json, {args.out}.md")
+
+
 def _export_module():
     try:
         import perco.export.onnx as module
@@ -311,7 +348,8 @@ def cmd_check(args) -> None:
 
 
 COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info,
-            "init-tiny": cmd_init_tiny, "demo": cmd_demo, "export": cmd_export, "check": cmd_check}
+            "init-tiny": cmd_init_tiny, "demo": cmd_demo, "export": cmd_export, "check": cmd_check,
+            "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks, installed as `perco.benchmarks` so `perco bench` can run them."""
