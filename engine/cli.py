@@ -107,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts folder from 'perco export'")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default: 1e-4)")
 
+    p = sub.add_parser("build", help="build TensorRT engines from exported graphs",
+                       description="Build one TensorRT (or TensorRT-RTX) engine per exported graph, with an "
+                                   "optimization profile from the manifest or the flags. Engines are cached by a "
+                                   "content key (graph, precision, profile, flavor, targets).")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="artifacts folder from 'perco export'")
+    p.add_argument("-o", "--output", required=True, metavar="ENGINES", help="engines folder")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+                   help="engine precision (default: %(default)s)")
+    p.add_argument("--flavor", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
+                   help="auto: full TensorRT if installed, else TensorRT-RTX (default)")
+    p.add_argument("--batch", type=_range, default=None, metavar="MIN:OPT:MAX", help="batch range (images)")
+    p.add_argument("--height", type=_range, default=None, metavar="MIN:OPT:MAX", help="padded height range (px)")
+    p.add_argument("--width", type=_range, default=None, metavar="MIN:OPT:MAX", help="padded width range (px)")
+    p.add_argument("--target-cc", default="", metavar="CC[,CC]",
+                   help="TensorRT-RTX compute capabilities to build for, e.g. 86,89 (default: the flavor's)")
+    p.add_argument("--plan", action="store_true", help="print what would be built, build nothing")
+
     p = sub.add_parser("bench", help="latency and throughput, backends side by side",
                        description="Per-stage latency, end-to-end decode and throughput of each backend on the "
                                    "same bitstreams; JSON, markdown and a PNG plot. --smoke: tiny model, seconds.")
@@ -294,6 +311,26 @@ def cmd_demo(args) -> None:
     run_demo(args, _codec(args))
 
 
+def cmd_build(args) -> None:
+    try:
+        from perco.export import build as trt_build
+    except ImportError as exc:
+        raise PercoError(f"build needs {exc.name}: pip install 'perco-engine[export]'") from None
+    overrides = {k: getattr(args, k) for k in ("batch", "height", "width") if getattr(args, k)}
+    try:
+        target_cc = tuple(int(v) for v in args.target_cc.split(",") if v)
+    except ValueError:
+        raise PercoError(f"--target-cc takes numbers like 86,89, got {args.target_cc!r}") from None
+    if args.plan:
+        for row in trt_build.plan(args.artifacts, args.precision, args.flavor, overrides, target_cc, args.output):
+            state = row["unsupported"] or ("cached" if row["cached"] else "to build")
+            print(f"{row['graph']:15s} {row['precision']:5s} {row['flavor']:24s} weights "
+                  f"{row['weights_bytes'] / 2**20:9.1f} MiB  max {row['max_shapes']}  [{state}]")
+        return
+    trt_build.build(args.artifacts, args.output, args.precision, args.flavor, overrides, target_cc,
+                    log=lambda text: print(text, file=sys.stderr))
+
+
 def cmd_bench(args) -> None:
     try:
         from perco.benchmarks.harness import BenchConfig, run, smoke_config
@@ -349,7 +386,7 @@ def cmd_check(args) -> None:
 
 COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info,
             "init-tiny": cmd_init_tiny, "demo": cmd_demo, "export": cmd_export, "check": cmd_check,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "build": cmd_build}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,360 @@
+"""ONNX -> TensorRT engines: `perco build`. Full TensorRT or TensorRT-RTX behind one small adapter.
+
+Engines folder:
+    engines.json                             written last, atomically
+    <graph>-<precision>-<key12>.engine       one per graph
+    <graph>-<precision>-<hash12>.onnx        precision graphs made from the FP32 export (fp16)
+    timing-tensorrt.cache                    full TensorRT's timing cache, reused across builds
+                                             (TensorRT-RTX tunes at run time: its runtime cache
+                                             belongs to the runtime, not to the build)
+
+`key` = SHA-256 of (ONNX graph hash, precision, profile, flavor + version, target compute
+capabilities): an engine is rebuilt exactly when one of them changes.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from perco.engine.errors import PercoError
+from perco.engine.graphs import GRAPHS
+from perco.engine.manifest import file_sha256, read_manifest
+
+ENGINES_MANIFEST = "engines.json"
+ENGINES_FORMAT = 1
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# Ops kept in FP32 in FP16 graphs: normalisations and softmax (SD 2.1 overflows in FP16 attention;
+# its config sets upcast_attention) and the reductions they are built from.
+FP32_OPS = ["Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "Pow",
+            "Sqrt", "Div", "Exp", "Erf"]
+_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What differs between TensorRT and TensorRT-RTX, and nothing else."""
+
+    name: str  # "tensorrt" or "tensorrt-rtx"
+    module: object
+
+    @property
+    def version(self) -> str:
+        return self.module.__version__
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.name == "tensorrt-rtx"  # RTX builds strongly typed networks only
+
+    def unsupported(self, precision: str) -> Optional[str]:
+        """Why this flavor cannot build `precision` from our graphs, or None."""
+        if self.strongly_typed and precision == "bf16":
+            return "bf16 needs a BF16 ONNX graph, which perco build does not produce yet (use fp16)"
+        if self.strongly_typed and precision in ("int8", "fp8"):
+            return f"{precision} needs a Q/DQ ONNX graph (explicit quantization), which perco build does not produce yet"
+        if not self.strongly_typed and precision in ("int8", "fp8"):
+            return f"{precision} needs explicit quantization (Q/DQ graphs); implicit calibration is never used"
+        return None
+
+    @property
+    def uses_timing_cache(self) -> bool:
+        return not self.strongly_typed  # TensorRT-RTX: timing-cache calls are no-ops (it tunes at run time)
+
+    def network_flags(self) -> int:
+        flag = getattr(self.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        return 1 << int(flag) if flag is not None and self.strongly_typed else 0
+
+    def configure(self, config, precision: str, target_cc: tuple) -> None:
+        trt = self.module
+        if not self.strongly_typed and precision in ("fp16", "bf16"):
+            config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
+        if self.strongly_typed and target_cc:
+            config.num_compute_capabilities = len(target_cc)
+            for i, cc in enumerate(target_cc):
+                config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{cc}"), i)
+
+
+def detect_flavor(requested: str = "auto") -> Flavor:
+    candidates = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+    order = ["tensorrt", "tensorrt-rtx"] if requested == "auto" else [requested]
+    if requested not in ("auto", *candidates):
+        raise PercoError(f"unknown flavor {requested!r}: auto, tensorrt or tensorrt-rtx")
+    for name in order:
+        try:
+            module = __import__(candidates[name])
+        except Exception:  # the PyPI 'tensorrt' stub can fail in odd ways at import
+            continue
+        if hasattr(module, "Builder"):
+            return Flavor(name, module)
+    install = "pip install tensorrt-rtx" if requested != "tensorrt" else "install TensorRT (NVIDIA's wheels or JetPack)"
+    raise PercoError(f"no usable TensorRT flavor ({requested}) is installed: {install}")
+
+
+def engine_key(onnx_sha: str, precision: str, shapes: dict, flavor: Flavor, target_cc: tuple) -> str:
+    payload = {"format": ENGINES_FORMAT, "onnx": onnx_sha, "precision": precision, "shapes": shapes,
+               "flavor": flavor.name, "version": flavor.version, "target_cc": list(target_cc)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def profile_shapes(graph_entry: dict, overrides: dict) -> dict:
+    """Input name -> {min, opt, max}: the manifest's ranges, with batch/height/width overrides.
+
+    overrides: {"batch": (min, opt, max), "height": ..., "width": ...} in images and pixels.
+    """
+    shapes = {}
+    for inp in graph_entry["inputs"]:
+        name, dims = inp["name"], inp["shape"].split(",")
+        ranges = {k: list(v) for k, v in graph_entry["shapes"][name].items()}
+        for axis, symbol in enumerate(dims):
+            for which, factor_symbols in (("batch", {"B": 1, "2B": 2}), ("height", {"H": 1, "h": 8}),
+                                          ("width", {"W": 1, "w": 8})):
+                if which in overrides and symbol in factor_symbols:
+                    factor = factor_symbols[symbol]
+                    for i, key in enumerate(("min", "opt", "max")):
+                        value = overrides[which][i]
+                        ranges[key][axis] = value * factor if which == "batch" else value // factor
+        shapes[name] = ranges
+    return shapes
+
+
+def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor, out: Path, log) -> Path:
+    """The ONNX graph to build: the FP32 export, or an FP16 graph made from it (strongly typed flavors)."""
+    source = artifacts / entry["file"]
+    if precision == "fp32" or not flavor.strongly_typed:
+        return source
+    if precision != "fp16":
+        raise PercoError(flavor.unsupported(precision) or f"{precision} is not supported")
+    digest = entry["sha256"][entry["file"]]
+    target = out / f"{Path(entry['file']).stem}-fp16-{digest[:12]}.onnx"
+    if target.is_file():
+        return target
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(source))
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=True)
+    del model
+    _drop_duplicate_casts(half)
+    half = _toposorted(half)
+    tmp = target.with_name(f".{target.name}.tmp")
+    large = half.ByteSize() > 1_900_000_000 if _fits(half) else True
+    if large:
+        onnx.save_model(half, str(tmp), save_as_external_data=True, location=target.name + ".data")
+    else:
+        onnx.save_model(half, str(tmp))
+    try:
+        onnx.checker.check_model(str(tmp))
+    except onnx.checker.ValidationError as exc:
+        os.unlink(tmp)
+        raise PercoError(f"the fp16 graph made from {source.name} is invalid: {str(exc).splitlines()[0]}") from None
+    os.replace(tmp, target)
+    log(f"    fp16 graph {target.name} (kept in fp32: {', '.join(FP32_OPS)})")
+    return target
+
+
+def _drop_duplicate_casts(model) -> None:
+    """The converter inserts one Cast per consumer of a tensor that feeds several FP32-kept ops,
+    all with the same output name; they are identical, so keep the first of each."""
+    seen, kept = set(), []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in seen:
+            continue
+        seen.update(node.output)
+        kept.append(node)
+    if len(kept) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+
+
+def _toposorted(model):
+    """The converter appends its Cast nodes at the end; ONNX wants nodes in topological order."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    sorted_model = gs.export_onnx(graph)
+    sorted_model.ir_version = model.ir_version
+    return sorted_model
+
+
+def _fits(model) -> bool:
+    from google.protobuf.message import EncodeError
+
+    try:
+        model.ByteSize()
+        return True
+    except (ValueError, EncodeError):
+        return False
+
+
+def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Optional[dict] = None,
+         target_cc: tuple = (), out=None) -> list:
+    """What `build` would do, without building: per graph, weights size at this precision and cache state."""
+    manifest = read_manifest(artifacts)
+    overrides = overrides or {}
+    try:
+        flavor = detect_flavor(flavor_name)
+        flavor_label, version = flavor.name, flavor.version
+    except PercoError:
+        flavor, flavor_label, version = None, flavor_name, "not installed"
+    existing = _read_engines(Path(out)) if out else {}
+    rows = []
+    for name in GRAPHS:
+        entry = manifest["graphs"][name]
+        shapes = profile_shapes(entry, overrides)
+        weights = entry["bytes"] * _BYTES_PER_WEIGHT[precision] // 4
+        key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc) if flavor else None
+        cached = bool(key and existing.get("graphs", {}).get(name, {}).get("key") == key)
+        rows.append({"graph": name, "precision": precision, "flavor": f"{flavor_label} {version}",
+                     "weights_bytes": weights, "max_shapes": {k: v["max"] for k, v in shapes.items()},
+                     "unsupported": flavor.unsupported(precision) if flavor else "flavor not installed",
+                     "cached": cached})
+    return rows
+
+
+def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", overrides: Optional[dict] = None,
+          target_cc: tuple = (), log=print) -> Path:
+    """Build one engine per graph; reuse engines whose key is unchanged; return engines.json."""
+    if precision not in PRECISIONS:
+        raise PercoError(f"unknown precision {precision!r}: {', '.join(PRECISIONS)}")
+    artifacts, out = Path(artifacts), Path(out)
+    manifest = read_manifest(artifacts)
+    flavor = detect_flavor(flavor_name)
+    reason = flavor.unsupported(precision)
+    if reason:
+        raise PercoError(f"{flavor.name} {flavor.version} cannot build {precision}: {reason}")
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _read_engines(out)
+    same_run = previous.get("precision") == precision and previous.get("flavor") == flavor.name
+    entries = {}
+    cache_path = out / f"timing-{flavor.name}.cache"
+    trt = flavor.module
+    logger = _logger(trt, log)
+    builder = trt.Builder(logger)
+    timing_cache = None
+    for i, name in enumerate(GRAPHS, 1):
+        entry = manifest["graphs"][name]
+        shapes = profile_shapes(entry, overrides or {})
+        key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc)
+        old = previous.get("graphs", {}).get(name, {})
+        engine_file = f"{name}-{precision}-{key[:12]}.engine"
+        if same_run and old.get("key") == key and (out / engine_file).is_file() \
+                and file_sha256(out / engine_file) == old.get("sha256"):
+            log(f"[{i}/{len(GRAPHS)}] {name}: cached ({engine_file})")
+            entries[name] = old
+            continue
+        log(f"[{i}/{len(GRAPHS)}] {name}: building {precision} with {flavor.name} {flavor.version}")
+        start = time.perf_counter()
+        source = precision_graph(artifacts, entry, precision, flavor, out, log)
+        network = builder.create_network(flavor.network_flags())
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(source)):
+            errors = "; ".join(str(parser.get_error(j)) for j in range(parser.num_errors))
+            raise PercoError(f"{flavor.name} cannot parse {source.name}: {errors}")
+        config = builder.create_builder_config()
+        if flavor.uses_timing_cache:
+            if timing_cache is None:
+                timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+            config.set_timing_cache(timing_cache, ignore_mismatch=False)
+        flavor.configure(config, precision, target_cc)
+        profile = builder.create_optimization_profile()
+        for j in range(network.num_inputs):
+            tensor = network.get_input(j)
+            ranges = shapes[tensor.name]
+            profile.set_shape(tensor.name, ranges["min"], ranges["opt"], ranges["max"])
+        config.add_optimization_profile(profile)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise PercoError(f"{flavor.name} failed to build {name} at {precision}: {'; '.join(logger.errors[-3:])}")
+        _atomic_bytes(out / engine_file, memoryview(blob))
+        entries[name] = {"file": engine_file, "key": key, "sha256": file_sha256(out / engine_file),
+                         "bytes": (out / engine_file).stat().st_size, "onnx": source.name, "shapes": shapes,
+                         "build_seconds": round(time.perf_counter() - start, 3)}
+        if source.name != entry["file"]:  # a precision graph: its error against FP32 on ONNX Runtime CPU
+            metric, value = graph_error(artifacts / entry["file"], source, entry, shapes)
+            entries[name]["vs_fp32"] = {"metric": metric, "value": value}
+            log(f"    {precision} graph vs fp32 on ONNX Runtime CPU: {metric} {value:.2e}")
+        del blob, network, parser, config
+    if timing_cache is not None:
+        _atomic_bytes(cache_path, memoryview(timing_cache.serialize()))
+    result = {"format": ENGINES_FORMAT, "flavor": flavor.name, "version": flavor.version, "precision": precision,
+              "target_cc": list(target_cc), "model": manifest["model"], "graphs": entries}
+    _atomic_bytes(out / ENGINES_MANIFEST, (json.dumps(result, indent=1) + "\n").encode())
+    keep = {e["file"] for e in entries.values()} | {e["onnx"] for e in entries.values()}
+    for path in out.iterdir():  # engines of earlier builds of this precision that no manifest names
+        if path.suffix == ".engine" and path.name not in keep and f"-{precision}-" in path.name:
+            path.unlink()
+    log(f"wrote {out / ENGINES_MANIFEST}")
+    return out / ENGINES_MANIFEST
+
+
+def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, seed: int = 0) -> tuple:
+    """("max_rel_error", max |candidate - reference| / max |reference|), or ("mismatch_fraction", ...)
+    for integer outputs, on seeded inputs at the profile's opt shapes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in entry["inputs"]:
+        shape = shapes[inp["name"]]["opt"]
+        if inp["name"] == "input_ids":
+            feed[inp["name"]] = rng.integers(0, 1000, shape).astype(np.int64)
+        elif inp["name"] == "indices":
+            feed[inp["name"]] = rng.integers(0, 2, shape).astype(np.int64)
+        elif inp["name"] == "timestep":
+            feed[inp["name"]] = np.full(shape, 500, np.float32)
+        else:
+            feed[inp["name"]] = rng.standard_normal(shape).astype(np.float32)
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            for p in (reference, candidate)]
+    if outs[0].dtype == np.int64:
+        return "mismatch_fraction", float((outs[0] != outs[1]).mean())
+    return "max_rel_error", float(np.abs(outs[1].astype(np.float64) - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-12))
+
+
+def _logger(trt, log):
+    """A TensorRT logger that keeps errors for our messages and drops the GPU probing noise of
+    TensorRT-RTX on machines without a GPU (its ahead-of-time build does not need one)."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors = []
+
+        def log(self, severity, msg):
+            if severity > trt.ILogger.Severity.ERROR or "CUDA driver version is insufficient" in msg \
+                    or "cudaError 35" in msg or "cudaError 100" in msg:
+                return
+            self.errors.append(msg)
+            log(f"    [{flavor_name(trt)}] {msg}")
+
+    return Logger()
+
+
+def flavor_name(trt) -> str:
+    return "tensorrt-rtx" if "rtx" in trt.__name__ else "tensorrt"
+
+
+def _read_engines(out: Path) -> dict:
+    try:
+        value = json.loads((out / ENGINES_MANIFEST).read_text())
+        return value if value.get("format") == ENGINES_FORMAT else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _atomic_bytes(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,112 @@
+"""`perco build` with TensorRT-RTX on the CPU: every supported precision builds; cache, plan, errors."""
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from perco.engine.errors import PercoError
+from perco.engine.graphs import GRAPHS
+from perco.export import onnx as onnx_export
+from perco.export.graphs import Profile
+
+trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx)")
+from perco.export import build as trt_build  # noqa: E402
+
+PROFILE = Profile(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("art")
+    onnx_export.export_model(tiny_model, folder, profile=PROFILE, log=lambda text: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, artifacts):
+    folder = tmp_path_factory.mktemp("engines")
+    for precision in ("fp32", "fp16"):
+        trt_build.build(artifacts, folder / precision, precision, "tensorrt-rtx", log=lambda text: None)
+    return folder
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_graph_builds(engines, precision):
+    manifest = json.loads((engines / precision / "engines.json").read_text())
+    assert manifest["flavor"] == "tensorrt-rtx" and manifest["precision"] == precision
+    assert set(manifest["graphs"]) == set(GRAPHS)
+    for entry in manifest["graphs"].values():
+        assert (engines / precision / entry["file"]).stat().st_size == entry["bytes"] > 0
+        if precision == "fp16":
+            assert entry["vs_fp32"]["value"] < (1e-2 if entry["vs_fp32"]["metric"] == "max_rel_error" else 0.05)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "fp8"])
+def test_unsupported_precisions_say_why(artifacts, tmp_path, precision):
+    with pytest.raises(PercoError, match=f"cannot build {precision}: .*(Q/DQ|BF16)"):
+        trt_build.build(artifacts, tmp_path, precision, "tensorrt-rtx", log=lambda text: None)
+
+
+def test_rebuild_is_cached_and_profile_change_rebuilds(artifacts, engines):
+    messages = []
+    trt_build.build(artifacts, engines / "fp32", "fp32", "tensorrt-rtx", log=messages.append)
+    assert sum("cached" in m for m in messages) == len(GRAPHS)
+    before = json.loads((engines / "fp32" / "engines.json").read_text())
+    messages.clear()
+    trt_build.build(artifacts, engines / "fp32", "fp32", "tensorrt-rtx", overrides={"batch": (1, 2, 2)},
+                    log=messages.append)
+    after = json.loads((engines / "fp32" / "engines.json").read_text())
+    assert not any("cached" in m for m in messages)
+    assert after["graphs"]["denoiser"]["shapes"]["sample"]["opt"][0] == 4  # 2B for batch opt 2
+    assert after["graphs"]["denoiser"]["key"] != before["graphs"]["denoiser"]["key"]
+    engine_files = {p.name for p in (engines / "fp32").glob("*.engine")}
+    assert engine_files == {e["file"] for e in after["graphs"].values()}  # old engines removed
+
+
+def test_keys_depend_on_every_input(artifacts):
+    flavor = trt_build.detect_flavor("tensorrt-rtx")
+    shapes = {"x": {"min": [1], "opt": [1], "max": [2]}}
+    keys = {trt_build.engine_key("a", "fp16", shapes, flavor, ()), trt_build.engine_key("b", "fp16", shapes, flavor, ()),
+            trt_build.engine_key("a", "fp32", shapes, flavor, ()), trt_build.engine_key("a", "fp16", shapes, flavor, (89,)),
+            trt_build.engine_key("a", "fp16", {"x": {"min": [1], "opt": [2], "max": [2]}}, flavor, ())}
+    assert len(keys) == 5
+
+
+def test_plan_builds_nothing(artifacts, engines, tmp_path):
+    rows = trt_build.plan(artifacts, "fp16", "tensorrt-rtx", out=engines / "fp16")
+    assert [r["graph"] for r in rows] == list(GRAPHS) and all(r["cached"] for r in rows)
+    assert all(r["weights_bytes"] > 0 for r in rows if r["graph"] != "local_features")
+    rows = trt_build.plan(artifacts, "int8", "tensorrt-rtx", out=tmp_path)
+    assert all("Q/DQ" in r["unsupported"] for r in rows) and not any(tmp_path.iterdir())
+
+
+def test_unparsable_graph_fails_with_the_parsers_message(artifacts, tmp_path):
+    import shutil
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifacts, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["graphs"]["local_features"]
+    node = helper.make_node("NoSuchOp", ["indices"], ["local_features"], domain="perco.test")
+    graph = helper.make_graph([node], "broken", [helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 2, 2])],
+                              [helper.make_tensor_value_info("local_features", TensorProto.FLOAT, [1, 16, 4, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("perco.test", 1)]),
+              str(folder / entry["file"]))
+    from perco.engine.manifest import file_sha256
+
+    entry["sha256"][entry["file"]] = file_sha256(folder / entry["file"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PercoError, match="cannot parse .*NoSuchOp"):
+        trt_build.build(folder, tmp_path / "e", "fp32", "tensorrt-rtx", log=lambda text: None)
+
+
+def test_cli_build_plan(artifacts, capsys):
+    from perco.engine.cli import main
+
+    assert main(["build", "--artifacts", str(artifacts), "-o", "/nonexistent-never-written", "--plan",
+                 "--flavor", "tensorrt-rtx"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("to build") == len(GRAPHS)
+    assert main(["build", "--artifacts", str(artifacts), "-o", "x", "--target-cc", "eighty"]) == 1
