@@ -217,8 +217,8 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
 
 
 def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", overrides: Optional[dict] = None,
-          target_cc: tuple = (), log=print) -> Path:
-    """Build one engine per graph; reuse engines whose key is unchanged; return engines.json."""
+          target_cc: tuple = (), log=print, graphs: Optional[list] = None) -> Path:
+    """Build one engine per graph (or per graph of `graphs`); reuse engines whose key is unchanged."""
     if precision not in PRECISIONS:
         raise PercoError(f"unknown precision {precision!r}: {', '.join(PRECISIONS)}")
     artifacts, out = Path(artifacts), Path(out)
@@ -236,7 +236,8 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     logger = _logger(trt, log)
     builder = trt.Builder(logger)
     timing_cache = None
-    for i, name in enumerate(GRAPHS, 1):
+    selected = [g for g in GRAPHS if graphs is None or g in graphs]
+    for i, name in enumerate(selected, 1):
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides or {})
         key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc)
@@ -244,10 +245,10 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
         engine_file = f"{name}-{precision}-{key[:12]}.engine"
         if same_run and old.get("key") == key and (out / engine_file).is_file() \
                 and file_sha256(out / engine_file) == old.get("sha256"):
-            log(f"[{i}/{len(GRAPHS)}] {name}: cached ({engine_file})")
+            log(f"[{i}/{len(selected)}] {name}: cached ({engine_file})")
             entries[name] = old
             continue
-        log(f"[{i}/{len(GRAPHS)}] {name}: building {precision} with {flavor.name} {flavor.version}")
+        log(f"[{i}/{len(selected)}] {name}: building {precision} with {flavor.name} {flavor.version}")
         start = time.perf_counter()
         source = precision_graph(artifacts, entry, precision, flavor, out, log)
         network = builder.create_network(flavor.network_flags())

@@ -1,0 +1,68 @@
+"""Full-size TensorRT(-RTX) engine builds on this machine: time, peak memory, engine size.
+
+    python benchmarks/trt_fullsize.py --artifacts DIR [--out benchmarks/results/trt_fullsize]
+
+DIR holds the full-size export (see benchmarks/onnx_fullsize.py). Each (graph, precision) is
+built in its own child process so its peak RSS is its own. The FP16 row includes making the FP16
+graph from the FP32 export, and its error against FP32 on ONNX Runtime CPU.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = """
+import json, resource, sys, time
+from perco.export import build
+start = time.perf_counter()
+path = build.build(sys.argv[1], sys.argv[2], sys.argv[3], "auto", log=lambda t: print(t, file=sys.stderr),
+                   graphs=[sys.argv[4]])
+entry = json.loads(open(path).read())["graphs"][sys.argv[4]]
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": resource.getrusage(
+    resource.RUSAGE_SELF).ru_maxrss / 2**20, "engine_bytes": entry["bytes"], "vs_fp32": entry.get("vs_fp32"),
+    "flavor": json.loads(open(path).read())["flavor"], "version": json.loads(open(path).read())["version"]}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--engines", default="/tmp/perco-fullsize/engines")
+    parser.add_argument("--out", default="benchmarks/results/trt_fullsize")
+    args = parser.parse_args()
+    rows = []
+    for precision in ("fp32", "fp16"):
+        for graph in ("denoiser", "vae_decoder", "text_encoder"):
+            proc = subprocess.run([sys.executable, "-c", CHILD, args.artifacts, f"{args.engines}/{precision}", precision,
+                                   graph], capture_output=True, text=True)
+            if proc.returncode:
+                rows.append({"graph": graph, "precision": precision, "error": proc.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append({"graph": graph, "precision": precision, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            print(json.dumps(rows[-1]), flush=True)
+    manifest = json.loads((Path(args.artifacts) / "manifest.json").read_text())
+    result = {"machine": platform.platform(), "profile": manifest["profile"], "rows": rows}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Full-size engine builds on the CPU machine ({platform.platform()})", "",
+             f"`python benchmarks/trt_fullsize.py --artifacts DIR`; PerCo (SD) 0.0313, SD 2.1 dimensions, random "
+             f"weights; profile {manifest['profile']}; each build in its own process.", "",
+             "| graph | precision | flavor | build (s) | peak RSS (GiB) | engine (MB) | vs FP32 (ORT CPU) |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['graph']} | {r['precision']} | - | failed: {r['error']} | | | |")
+            continue
+        vs = f"{r['vs_fp32']['metric']} {r['vs_fp32']['value']:.1e}" if r.get("vs_fp32") else "-"
+        lines.append(f"| {r['graph']} | {r['precision']} | {r['flavor']} {r['version']} | {r['seconds']:.0f} | "
+                     f"{r['peak_rss_gib']:.1f} | {r['engine_bytes'] / 1e6:.0f} | {vs} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
