@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT-RTX compute capabilities to build for, e.g. 86,89 (default: the flavor's)")
     p.add_argument("--plan", action="store_true", help="print what would be built, build nothing")
 
+    p = sub.add_parser("quantize", help="INT8/FP8 Q/DQ graphs, calibrated and validated",
+                       description="Write a complete artifacts folder whose text encoder, VAE and denoiser are "
+                                   "explicitly quantized (Q/DQ) graphs, calibrated by running the FP32 graphs on "
+                                   "images, and report each graph's error against FP32 on ONNX Runtime CPU.")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="FP32 artifacts from 'perco export'")
+    p.add_argument("-o", "--output", required=True, metavar="QART", help="folder for the quantized artifacts")
+    p.add_argument("--precision", default="int8", choices=["int8", "fp8"], help="(default: %(default)s)")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="calibration images (PNG/JPEG); default: the built-in sample and seeded images")
+    p.add_argument("--count", type=_positive, default=4, help="calibration images to use (default: %(default)s)")
+
     p = sub.add_parser("bench", help="latency and throughput, backends side by side",
                        description="Per-stage latency, end-to-end decode and throughput of each backend on the "
                                    "same bitstreams; JSON, markdown and a PNG plot. --smoke: tiny model, seconds.")
@@ -331,6 +342,17 @@ def cmd_build(args) -> None:
                     log=lambda text: print(text, file=sys.stderr))
 
 
+def cmd_quantize(args) -> None:
+    try:
+        from perco.export.quantize import quantize
+    except ImportError as exc:
+        raise PercoError(f"quantize needs {exc.name}: pip install 'perco-engine[export]'") from None
+    report = quantize(args.artifacts, args.output, args.precision, args.calibration, args.count,
+                      log=lambda text: print(text, file=sys.stderr))
+    for name, r in report.items():
+        print(f"{name:15s} {args.precision} vs fp32: max rel error {r['value']:.3e}, rms rel error {r['rms_rel_error']:.3e}")
+
+
 def cmd_bench(args) -> None:
     try:
         from perco.benchmarks.harness import BenchConfig, run, smoke_config
@@ -386,7 +408,7 @@ def cmd_check(args) -> None:
 
 COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info,
             "init-tiny": cmd_init_tiny, "demo": cmd_demo, "export": cmd_export, "check": cmd_check,
-            "bench": cmd_bench, "build": cmd_build}
+            "bench": cmd_bench, "build": cmd_build, "quantize": cmd_quantize}
 
 
 def main(argv=None) -> int:

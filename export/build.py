@@ -54,10 +54,6 @@ class Flavor:
         """Why this flavor cannot build `precision` from our graphs, or None."""
         if self.strongly_typed and precision == "bf16":
             return "bf16 needs a BF16 ONNX graph, which perco build does not produce yet (use fp16)"
-        if self.strongly_typed and precision in ("int8", "fp8"):
-            return f"{precision} needs a Q/DQ ONNX graph (explicit quantization), which perco build does not produce yet"
-        if not self.strongly_typed and precision in ("int8", "fp8"):
-            return f"{precision} needs explicit quantization (Q/DQ graphs); implicit calibration is never used"
         return None
 
     @property
@@ -70,8 +66,8 @@ class Flavor:
 
     def configure(self, config, precision: str, target_cc: tuple) -> None:
         trt = self.module
-        if not self.strongly_typed and precision in ("fp16", "bf16"):
-            config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
+        if not self.strongly_typed and precision in ("fp16", "bf16", "int8", "fp8"):
+            config.set_flag(getattr(trt.BuilderFlag, precision.upper()))  # int8/fp8: explicit Q/DQ graphs only
         if self.strongly_typed and target_cc:
             config.num_compute_capabilities = len(target_cc)
             for i, cc in enumerate(target_cc):
@@ -121,10 +117,19 @@ def profile_shapes(graph_entry: dict, overrides: dict) -> dict:
     return shapes
 
 
+def check_quantization(manifest: dict, precision: str, artifacts) -> None:
+    """int8/fp8 engines are built only from Q/DQ artifacts (`perco quantize`): explicit quantization."""
+    if precision in ("int8", "fp8"):
+        made = (manifest.get("quantization") or {}).get("precision")
+        if made != precision:
+            raise PercoError(f"{precision} engines need Q/DQ graphs: run 'perco quantize --artifacts {artifacts} "
+                             f"-o QART --precision {precision}' and build from QART (implicit calibration is never used)")
+
+
 def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor, out: Path, log) -> Path:
-    """The ONNX graph to build: the FP32 export, or an FP16 graph made from it (strongly typed flavors)."""
+    """The ONNX graph to build: the export (FP32, or Q/DQ for int8/fp8), or an FP16 graph made from it."""
     source = artifacts / entry["file"]
-    if precision == "fp32" or not flavor.strongly_typed:
+    if precision in ("fp32", "int8", "fp8") or not flavor.strongly_typed:
         return source
     if precision != "fp16":
         raise PercoError(flavor.unsupported(precision) or f"{precision} is not supported")
@@ -209,10 +214,14 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
         weights = entry["bytes"] * _BYTES_PER_WEIGHT[precision] // 4
         key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc) if flavor else None
         cached = bool(key and existing.get("graphs", {}).get(name, {}).get("key") == key)
+        try:
+            check_quantization(manifest, precision, artifacts)
+            reason = flavor.unsupported(precision) if flavor else "flavor not installed"
+        except PercoError as exc:
+            reason = str(exc)
         rows.append({"graph": name, "precision": precision, "flavor": f"{flavor_label} {version}",
                      "weights_bytes": weights, "max_shapes": {k: v["max"] for k, v in shapes.items()},
-                     "unsupported": flavor.unsupported(precision) if flavor else "flavor not installed",
-                     "cached": cached})
+                     "unsupported": reason, "cached": cached})
     return rows
 
 
@@ -227,6 +236,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     reason = flavor.unsupported(precision)
     if reason:
         raise PercoError(f"{flavor.name} {flavor.version} cannot build {precision}: {reason}")
+    check_quantization(manifest, precision, artifacts)
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_engines(out)
     same_run = previous.get("precision") == precision and previous.get("flavor") == flavor.name
@@ -275,7 +285,9 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
         entries[name] = {"file": engine_file, "key": key, "sha256": file_sha256(out / engine_file),
                          "bytes": (out / engine_file).stat().st_size, "onnx": source.name, "shapes": shapes,
                          "build_seconds": round(time.perf_counter() - start, 3)}
-        if source.name != entry["file"]:  # a precision graph: its error against FP32 on ONNX Runtime CPU
+        if entry.get("quantized"):  # a Q/DQ graph: its error was measured by perco quantize
+            entries[name]["vs_fp32"] = manifest["quantization"]["error_vs_fp32"][name]
+        elif source.name != entry["file"]:  # a precision graph: its error against FP32 on ONNX Runtime CPU
             metric, value = graph_error(artifacts / entry["file"], source, entry, shapes)
             entries[name]["vs_fp32"] = {"metric": metric, "value": value}
             log(f"    {precision} graph vs fp32 on ONNX Runtime CPU: {metric} {value:.2e}")

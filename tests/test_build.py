@@ -43,9 +43,10 @@ def test_every_graph_builds(engines, precision):
             assert entry["vs_fp32"]["value"] < (1e-2 if entry["vs_fp32"]["metric"] == "max_rel_error" else 0.05)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8", "fp8"])
-def test_unsupported_precisions_say_why(artifacts, tmp_path, precision):
-    with pytest.raises(PercoError, match=f"cannot build {precision}: .*(Q/DQ|BF16)"):
+@pytest.mark.parametrize("precision,match", [("bf16", "cannot build bf16: .*BF16"), ("int8", "need Q/DQ graphs"),
+                                             ("fp8", "need Q/DQ graphs")])
+def test_unsupported_precisions_say_why(artifacts, tmp_path, precision, match):
+    with pytest.raises(PercoError, match=match):
         trt_build.build(artifacts, tmp_path, precision, "tensorrt-rtx", log=lambda text: None)
 
 
@@ -79,7 +80,7 @@ def test_plan_builds_nothing(artifacts, engines, tmp_path):
     assert [r["graph"] for r in rows] == list(GRAPHS) and all(r["cached"] for r in rows)
     assert all(r["weights_bytes"] > 0 for r in rows if r["graph"] != "local_features")
     rows = trt_build.plan(artifacts, "int8", "tensorrt-rtx", out=tmp_path)
-    assert all("Q/DQ" in r["unsupported"] for r in rows) and not any(tmp_path.iterdir())
+    assert all("perco quantize" in r["unsupported"] for r in rows) and not any(tmp_path.iterdir())
 
 
 def test_unparsable_graph_fails_with_the_parsers_message(artifacts, tmp_path):
@@ -110,3 +111,43 @@ def test_cli_build_plan(artifacts, capsys):
     out = capsys.readouterr().out
     assert out.count("to build") == len(GRAPHS)
     assert main(["build", "--artifacts", str(artifacts), "-o", "x", "--target-cc", "eighty"]) == 1
+
+
+@pytest.fixture(scope="module")
+def int8_artifacts(tmp_path_factory, artifacts):
+    from perco.export.quantize import quantize
+
+    folder = tmp_path_factory.mktemp("qart")
+    quantize(artifacts, folder, "int8", count=2, log=lambda text: None)
+    return folder
+
+
+def test_quantize_writes_complete_validated_artifacts(int8_artifacts):
+    from perco.engine.manifest import read_manifest
+
+    manifest = read_manifest(int8_artifacts, verify=True)
+    q = manifest["quantization"]
+    assert q["precision"] == "int8" and set(q["error_vs_fp32"]) == {"text_encoder", "vae_encoder", "denoiser",
+                                                                    "vae_decoder"}
+    for name, err in q["error_vs_fp32"].items():
+        assert 0 < err["value"] and 0 < err["rms_rel_error"]  # measured, and not a copy of the FP32 graph
+        model = onnx.load(str(int8_artifacts / manifest["graphs"][name]["file"]))
+        assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert "quantized" not in manifest["graphs"]["hyper_encoder"]  # indices must not change
+
+
+def test_int8_engines_build_from_qdq_only(artifacts, int8_artifacts, tmp_path):
+    path = trt_build.build(int8_artifacts, tmp_path / "int8", "int8", "tensorrt-rtx", log=lambda text: None)
+    manifest = json.loads(path.read_text())
+    assert set(manifest["graphs"]) == set(GRAPHS) and manifest["graphs"]["denoiser"]["vs_fp32"]["value"] > 0
+    with pytest.raises(PercoError, match="run 'perco quantize"):
+        trt_build.build(artifacts, tmp_path / "bad", "int8", "tensorrt-rtx", log=lambda text: None)
+
+
+def test_quantized_artifacts_decode_on_onnxruntime(codec, int8_artifacts):
+    from conftest import random_image
+    from perco.engine import Codec
+
+    data = codec.compress(random_image(64, 64), caption="a barn")
+    image = Codec.from_pretrained(backend="onnxruntime", artifacts=int8_artifacts).decompress(data, steps=2)
+    assert image.shape == (64, 64, 3)
