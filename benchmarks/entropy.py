@@ -11,22 +11,17 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
+from perco.benchmarks.harness import measure
 from perco.engine.entropy.batch import OK, BatchCoder, Model
 from perco.engine.entropy.tables import PROB_TOTAL, tables_from_logits
 
 
 def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = measure(fn, repeats, warmup=1)
     return statistics.median(times), min(times), max(times)
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -22,17 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from perco.benchmarks.harness import measure, summarize
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def timed(fn, repeats: int) -> dict:
-    fn()  # warm-up, outside the timed region
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+    return summarize(measure(fn, repeats, warmup=1))  # warm-up outside the timed region
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 CHILD = """

@@ -134,7 +134,7 @@ def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: in
         onnx.shape_inference.infer_shapes_path(str(staged), str(staged))
         onnx.checker.check_model(str(staged))
         passes["shape_inference"] = len(onnx.load(str(staged), load_external_data=False).graph.node)
-        log(f"    nodes: " + ", ".join(f"{k} {v}" for k, v in passes.items()) + "; onnx.checker ok")
+        log("    nodes: " + ", ".join(f"{k} {v}" for k, v in passes.items()) + "; onnx.checker ok")
         files = [filename] + ([filename + ".data"] if external else [])
         for f in files:  # stage complete: move into place (new names; nothing live is overwritten)
             os.replace(Path(tmp) / f, out / f)
