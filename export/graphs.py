@@ -69,18 +69,23 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent / self.scaling_factor).sample
 
 
+# graph -> the model component (subfolder) it runs
+GRAPH_COMPONENT = {"text_encoder": "text_encoder", "vae_encoder": "vae", "hyper_encoder": "hyper_enc",
+                   "local_features": "hyper_enc", "denoiser": "unet", "vae_decoder": "vae"}
+
+
 def graph_modules(modules: dict, scaling_factor: float) -> dict:
-    """name -> eval-mode module implementing that graph of GRAPHS."""
-    graphs = {
-        "text_encoder": TextEncoder(modules["text_encoder"]),
-        "vae_encoder": VaeEncoder(modules["vae"], scaling_factor),
-        "hyper_encoder": HyperEncoderGraph(modules["hyper_enc"]),
-        "local_features": LocalFeatures(modules["hyper_enc"]),
-        "denoiser": Denoiser(modules["unet"]),
-        "vae_decoder": VaeDecoder(modules["vae"], scaling_factor),
+    """name -> eval-mode module implementing that graph of GRAPHS, for the components in `modules`."""
+    make = {
+        "text_encoder": lambda: TextEncoder(modules["text_encoder"]),
+        "vae_encoder": lambda: VaeEncoder(modules["vae"], scaling_factor),
+        "hyper_encoder": lambda: HyperEncoderGraph(modules["hyper_enc"]),
+        "local_features": lambda: LocalFeatures(modules["hyper_enc"]),
+        "denoiser": lambda: Denoiser(modules["unet"]),
+        "vae_decoder": lambda: VaeDecoder(modules["vae"], scaling_factor),
     }
-    assert set(graphs) == set(GRAPHS)
-    return {name: g.eval() for name, g in graphs.items()}
+    assert set(make) == set(GRAPHS) == set(GRAPH_COMPONENT)
+    return {name: make[name]().eval() for name in GRAPHS if GRAPH_COMPONENT[name] in modules}
 
 
 # --- export contract: symbols -> sizes -----------------------------------------------------

@@ -10,6 +10,7 @@ unchanged export reuses the files after verifying their hashes; a changed export
 names, so an interrupted run never leaves the manifest pointing at a broken file.
 """
 
+import gc
 import hashlib
 import json
 import os
@@ -71,17 +72,20 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
         return out / MANIFEST
 
     log(f"exporting {info.folder} to {out} (opset {opset}, key {key[:12]})")
-    modules = load_model(info)
-    graphs = graph_modules(modules, info.scaling_factor)
     constants = {"D": int(info.configs["text_encoder"]["hidden_size"]), "M": int(info.configs["hyper_enc"]["M"])}
     sizes = symbol_sizes(profile, info.rate.token_stride, constants)
     entries = {}
-    for i, name in enumerate(GRAPHS, 1):
-        start = time.perf_counter()
-        log(f"[{i}/{len(GRAPHS)}] {name}")
-        args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size)
-        entries[name] = _export_graph(graphs[name], name, args, out, key, opset, sizes, log)
-        entries[name]["export_seconds"] = round(time.perf_counter() - start, 3)
+    for component in ("text_encoder", "vae", "hyper_enc", "unet"):  # one network in memory at a time
+        graphs = graph_modules(load_model(info, [component]), info.scaling_factor)
+        for name, module in graphs.items():
+            start = time.perf_counter()
+            log(f"[{len(entries) + 1}/{len(GRAPHS)}] {name}")
+            args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size)
+            entries[name] = _export_graph(module, name, args, out, key, opset, sizes, log)
+            entries[name]["export_seconds"] = round(time.perf_counter() - start, 3)
+        del graphs
+        gc.collect()
+    entries = {name: entries[name] for name in GRAPHS}
 
     tokenizer = f"tokenizer-{info.fingerprint[:4].hex()}"
     _copy_tokenizer(info.folder / "tokenizer", out / tokenizer)

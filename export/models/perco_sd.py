@@ -333,18 +333,23 @@ def _quiet_from_config(cls, config: dict):
         dlogging.set_verbosity(previous)
 
 
-def build_modules(configs: dict) -> dict:
-    """Random-initialised modules from the four component configs (seed torch first)."""
+def build_modules(configs: dict, names=("unet", "vae", "text_encoder", "hyper_enc")) -> dict:
+    """Random-initialised modules for the components `names` (seed torch first)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    hyper = HyperEncoder.from_config(configs["hyper_enc"])
-    unet = _quiet_from_config(_unet_class(), configs["unet"])
-    unet.add_local_feature_input(int(configs["hyper_enc"]["M"]))
-    vae = _quiet_from_config(AutoencoderKL, configs["vae"])
-    text_config = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")})
-    text = CLIPTextModel(text_config)
-    return {"unet": unet, "vae": vae, "text_encoder": text, "hyper_enc": hyper}
+    modules = {}
+    if "hyper_enc" in names:
+        modules["hyper_enc"] = HyperEncoder.from_config(configs["hyper_enc"])
+    if "unet" in names:
+        modules["unet"] = _quiet_from_config(_unet_class(), configs["unet"])
+        modules["unet"].add_local_feature_input(int(configs["hyper_enc"]["M"]))
+    if "vae" in names:
+        modules["vae"] = _quiet_from_config(AutoencoderKL, configs["vae"])
+    if "text_encoder" in names:
+        text_config = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")})
+        modules["text_encoder"] = CLIPTextModel(text_config)
+    return {name: modules[name] for name in names}
 
 
 _VAE_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
@@ -397,9 +402,9 @@ def load_strict(module: nn.Module, path: Path, component: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def load_model(info: ModelInfo) -> dict:
-    """The four networks of a model folder, strictly loaded, in eval mode, float32 on the CPU."""
-    modules = build_modules(info.configs)
+def load_model(info: ModelInfo, names=("unet", "vae", "text_encoder", "hyper_enc")) -> dict:
+    """Networks of a model folder (all four by default), strictly loaded, eval mode, float32, CPU."""
+    modules = build_modules(info.configs, names)
     for name, module in modules.items():
         load_strict(module, info.folder / name / COMPONENTS[name][1], name)
         module.eval().requires_grad_(False)
