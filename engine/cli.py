@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="also decode the caption and check the fingerprint against this model")
+    p.add_argument("--artifacts", metavar="DIR", default=None,
+                   help="the same with exported artifacts instead of a model folder")
 
     p = sub.add_parser("init-tiny", help="write a tiny random model in the real folder layout",
                        description="Write a tiny, seeded, randomly initialised PerCo (SD) model in exactly the "
@@ -285,14 +287,13 @@ def cmd_info(args) -> None:
         "bpp": {"total": 8 * sections.total / pixels, "caption": 8 * sections.caption / pixels,
                 "indices": 8 * sections.indices / pixels, "framing": 8 * sections.framing / pixels},
     }
-    if args.model:
-        from perco.engine.model import ModelInfo
+    if args.model or args.artifacts:
         from perco.engine.text import detokenize
 
-        model = ModelInfo(args.model)
-        _, caption_ids, indices = bitstream.unpack(data, model.stream_spec)
+        spec = _spec(args.model, args.artifacts)
+        _, caption_ids, indices = bitstream.unpack(data, spec.stream_spec)
         info["caption_tokens"] = int(caption_ids.size)
-        info["caption"] = detokenize(caption_ids, model.folder / "tokenizer")
+        info["caption"] = detokenize(caption_ids, spec.tokenizer_dir)
         info["token_grid"] = list(indices.shape)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -306,6 +307,14 @@ def cmd_info(args) -> None:
                                                     if "caption" in info else ""))
     print(f"  indices   {b['indices']:6d} bytes" + (f"  grid {info['token_grid'][0]}x{info['token_grid'][1]}"
                                                     if "token_grid" in info else ""))
+
+
+def _spec(model, artifacts):
+    """The ModelSpec of a model folder, else of an artifacts folder (no torch either way)."""
+    from perco.engine.manifest import spec_from_artifacts
+    from perco.engine.model import ModelInfo
+
+    return ModelInfo(model).spec if model else spec_from_artifacts(artifacts)[0]
 
 
 def cmd_init_tiny(args) -> None:

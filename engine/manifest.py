@@ -43,3 +43,12 @@ def read_manifest(folder, verify: bool = False) -> dict:
             if verify and file_sha256(target) != digest:
                 raise ModelError(f"artifact {target} does not match its hash in {path}: re-run 'perco export'")
     return manifest
+
+
+def spec_from_artifacts(folder) -> tuple:
+    """(ModelSpec, manifest) of an artifacts folder: all a decoder needs, without the checkpoint."""
+    from perco.engine.model import ModelSpec
+
+    manifest = read_manifest(folder)
+    tokenizer = Path(folder) / manifest["tokenizer"] if manifest.get("tokenizer") else None
+    return ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer), manifest

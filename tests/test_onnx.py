@@ -172,6 +172,16 @@ def test_model_only_exports_into_the_cache(tiny_model, tmp_path, monkeypatch):
     assert (tmp_path / "artifacts" / ModelInfo(tiny_model).fingerprint.hex() / MANIFEST).is_file()
 
 
+def test_info_with_artifacts_only(codec, artifacts, tmp_path, capsys):
+    from perco.engine.cli import main
+
+    stream = tmp_path / "a.perco"
+    stream.write_bytes(codec.compress(random_image(64, 96), caption="two parrots"))
+    assert main(["info", str(stream), "--json", "--artifacts", str(artifacts)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["caption"] == "two parrots" and info["token_grid"] == [4, 6]
+
+
 def test_cli_export_and_check(tiny_model, artifacts, capsys):
     from perco.engine.cli import main
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from perco.engine.errors import BackendError, ModelError
 from perco.engine.graphs import GRAPHS
-from perco.engine.manifest import read_manifest
-from perco.engine.model import ModelInfo, ModelSpec
+from perco.engine.manifest import spec_from_artifacts
+from perco.engine.model import ModelInfo
 
 _STEP_CONSTANT_INPUTS = {"text_embeddings", "local_features"}
 
@@ -77,8 +77,7 @@ def open_backend(model_dir=None, artifacts=None, progress: bool = False):
         if model_dir is None:
             raise BackendError("the onnxruntime backend needs --artifacts DIR (from 'perco export') or --model DIR")
         artifacts = _exported(model_dir, progress)
-    manifest = read_manifest(artifacts)
-    spec = ModelSpec.from_dict(manifest["model"], tokenizer_dir=Path(artifacts) / manifest.get("tokenizer", ""))
+    spec, manifest = spec_from_artifacts(artifacts)
     if model_dir is not None and ModelInfo(model_dir).fingerprint != spec.fingerprint:
         raise ModelError(f"artifacts in {artifacts} were exported from another model than {model_dir}")
     return spec, OnnxRuntimeBackend(artifacts, manifest)
