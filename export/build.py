@@ -243,7 +243,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     entries = {}
     cache_path = out / f"timing-{flavor.name}.cache"
     trt = flavor.module
-    logger = _logger(trt, log)
+    logger = _logger(flavor, log)
     builder = trt.Builder(logger)
     timing_cache = None
     selected = [g for g in GRAPHS if graphs is None or g in graphs]
@@ -330,9 +330,10 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, see
     return "max_rel_error", float(np.abs(outs[1].astype(np.float64) - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-12))
 
 
-def _logger(trt, log):
+def _logger(flavor: Flavor, log):
     """A TensorRT logger that keeps errors for our messages and drops the GPU probing noise of
     TensorRT-RTX on machines without a GPU (its ahead-of-time build does not need one)."""
+    trt = flavor.module
 
     class Logger(trt.ILogger):
         def __init__(self):
@@ -344,13 +345,9 @@ def _logger(trt, log):
                     or "cudaError 35" in msg or "cudaError 100" in msg:
                 return
             self.errors.append(msg)
-            log(f"    [{flavor_name(trt)}] {msg}")
+            log(f"    [{flavor.name}] {msg}")
 
     return Logger()
-
-
-def flavor_name(trt) -> str:
-    return "tensorrt-rtx" if "rtx" in trt.__name__ else "tensorrt"
 
 
 def _read_engines(out: Path) -> dict:

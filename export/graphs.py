@@ -103,6 +103,11 @@ class Profile:
         return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
 
 
+def graph_constants(configs: dict) -> dict:
+    """The fixed shape symbols of a model: D (text width) and M (local-feature channels)."""
+    return {"D": int(configs["text_encoder"]["hidden_size"]), "M": int(configs["hyper_enc"]["M"])}
+
+
 def symbol_sizes(profile: Profile, token_stride: int, constants: dict) -> dict:
     """Each shape symbol -> (min, opt, max). `constants` gives D and M."""
     sizes = {
@@ -119,6 +124,9 @@ def symbol_sizes(profile: Profile, token_stride: int, constants: dict) -> dict:
     return sizes
 
 
+_DYNAMIC = {"B", "2B", "H", "W", "h", "w", "gh", "gw"}  # every other symbol is a model constant
+
+
 def _dims(shape: str) -> list:
     return shape.split(",")
 
@@ -132,8 +140,6 @@ def dynamic_axes(graph: str) -> dict:
             axes[name] = dynamic
     return axes
 
-
-_DYNAMIC = {"B", "2B", "H", "W", "h", "w", "gh", "gw"}
 
 
 def io_shapes(graph: str, sizes: dict) -> dict:

@@ -28,7 +28,9 @@ from perco.engine.errors import ModelError, PercoError
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest
 from perco.engine.model import ModelInfo
-from perco.export.graphs import Profile, dynamic_axes, graph_modules, io_shapes, sample_inputs, symbol_sizes
+from perco.export.graphs import (
+    Profile, dynamic_axes, graph_constants, graph_modules, io_shapes, sample_inputs, symbol_sizes,
+)
 from perco.export.models.perco_sd import load_model
 
 DEFAULT_OPSET = 18
@@ -72,8 +74,7 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
         return out / MANIFEST
 
     log(f"exporting {info.folder} to {out} (opset {opset}, key {key[:12]})")
-    constants = {"D": int(info.configs["text_encoder"]["hidden_size"]), "M": int(info.configs["hyper_enc"]["M"])}
-    sizes = symbol_sizes(profile, info.rate.token_stride, constants)
+    sizes = symbol_sizes(profile, info.rate.token_stride, graph_constants(info.configs))
     entries = {}
     for component in ("text_encoder", "vae", "hyper_enc", "unet"):  # one network in memory at a time
         graphs = graph_modules(load_model(info, [component]), info.scaling_factor)
@@ -215,9 +216,8 @@ def parity(model_dir, artifacts, seed: int = 0) -> dict:
     if manifest["model"]["fingerprint"] != info.fingerprint.hex():
         raise ModelError("artifacts were exported from another model")
     graphs = graph_modules(load_model(info), info.scaling_factor)
-    constants = {"D": int(info.configs["text_encoder"]["hidden_size"]), "M": int(info.configs["hyper_enc"]["M"])}
     profile = Profile(**{k: tuple(v) for k, v in manifest["profile"].items()})
-    sizes = symbol_sizes(profile, info.rate.token_stride, constants)
+    sizes = symbol_sizes(profile, info.rate.token_stride, graph_constants(info.configs))
     report = {}
     for name in GRAPHS:
         args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, seed=seed + 1)

@@ -7,20 +7,13 @@ import pytest
 from transformers import CLIPTokenizer
 
 from conftest import CLIP_TOKENIZER
+from perco.benchmarks.caption_rate import CAPTIONS as ORDINARY
 from perco.engine import bitstream
 from perco.engine.bitstream import Header, StreamSpec
 from perco.engine.model import ModelInfo
 from perco.engine.text import CaptionTokenizer, TokenLayout, detokenize
 
-CAPTIONS = [
-    "a red barn with a pond in the background",
-    "a river runs through a rocky forest with mountains in the background",
-    "two parrots standing next to each other with leaves in the background",
-    "a man riding a wave on top of a surfboard",
-    "a kitchen with a stove, a sink and a refrigerator",
-    "a lighthouse on a cliff overlooking the ocean at sunset",
-    "a bowl of fruit on a wooden table",
-    "two boats docked in a harbor next to a village",
+CAPTIONS = ORDINARY + [  # the benchmark's ordinary captions, then edge cases
     "A close-up of a MOTORCYCLE parked on the side of the road!!",
     "",
     "  spaces   and\ttabs  ",
@@ -57,7 +50,7 @@ def test_caption_bytes_at_most_half_of_zlib(tiny_model):
     info = ModelInfo(tiny_model)
     tokenizer = CaptionTokenizer(tiny_model / "tokenizer", info.tokens)
     ours = theirs = 0
-    for text in CAPTIONS[:8]:
+    for text in ORDINARY:
         spec = info.stream_spec
         rows, cols = spec.token_grid(64, 64)
         data = bitstream.pack(Header(spec.fingerprint[:4], 64, 64), tokenizer(text), np.zeros((rows, cols)), spec)

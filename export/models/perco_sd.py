@@ -7,7 +7,6 @@ strict checkpoint loading with key maps for legacy names, and the folder writer 
 """
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,10 +115,6 @@ class PercoSDConfig:
         n, m, d = self.hyper_channels
         return {"_class_name": "HyperEncoder", "in_channels": 4, "N": n, "M": m, "codebook_dim": d,
                 "cfg_ss": self.grid, "cfg_cs": self.codebook_size}
-
-    @property
-    def rate(self) -> float:
-        return self.grid**2 * math.log2(self.codebook_size) / 512**2
 
 
 def _tiny(grid: int, codebook_size: int) -> PercoSDConfig:
