@@ -30,10 +30,12 @@ def _backend_arg(p):
     from perco.engine.backends import available
 
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=available(),
-                   help="network backend (default: %(default)s); onnxruntime runs exported graphs without torch")
+                   help="network backend (default: %(default)s); onnxruntime runs exported graphs without torch, "
+                        "tensorrt runs engines on an NVIDIA GPU")
     p.add_argument("--artifacts", metavar="DIR", default=None,
-                   help="exported graphs for --backend onnxruntime (from 'perco export'); without it, "
-                        "--model is exported into the cache on first use")
+                   help="exported graphs for --backend onnxruntime (from 'perco export'; without it, --model is "
+                        "exported into the cache on first use), or engines for --backend tensorrt (from "
+                        "'perco build')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_range, default=None, metavar="MIN:OPT:MAX", help="padded width range (px)")
     p.add_argument("--target-cc", default="", metavar="CC[,CC]",
                    help="TensorRT-RTX compute capabilities to build for, e.g. 86,89 (default: the flavor's)")
+    p.add_argument("--refittable", action="store_true",
+                   help="engines that can take another rate's weights in place (another cache key)")
     p.add_argument("--plan", action="store_true", help="print what would be built, build nothing")
 
     p = sub.add_parser("quantize", help="INT8/FP8 Q/DQ graphs, calibrated and validated",
@@ -342,13 +346,14 @@ def cmd_build(args) -> None:
     except ValueError:
         raise PercoError(f"--target-cc takes numbers like 86,89, got {args.target_cc!r}") from None
     if args.plan:
-        for row in trt_build.plan(args.artifacts, args.precision, args.flavor, overrides, target_cc, args.output):
+        for row in trt_build.plan(args.artifacts, args.precision, args.flavor, overrides, target_cc, args.output,
+                                  args.refittable):
             state = row["unsupported"] or ("cached" if row["cached"] else "to build")
             print(f"{row['graph']:15s} {row['precision']:5s} {row['flavor']:24s} weights "
                   f"{row['weights_bytes'] / 2**20:9.1f} MiB  max {row['max_shapes']}  [{state}]")
         return
     trt_build.build(args.artifacts, args.output, args.precision, args.flavor, overrides, target_cc,
-                    log=lambda text: print(text, file=sys.stderr))
+                    log=lambda text: print(text, file=sys.stderr), refittable=args.refittable)
 
 
 def cmd_quantize(args) -> None:

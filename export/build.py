@@ -15,18 +15,18 @@ capabilities): an engine is rebuilt exactly when one of them changes.
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from perco.engine.backends.tensorrt import ENGINES_FORMAT, ENGINES_MANIFEST, import_flavor, make_logger
 from perco.engine.errors import PercoError
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import file_sha256, read_manifest
 
-ENGINES_MANIFEST = "engines.json"
-ENGINES_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 # Ops kept in FP32 in FP16 graphs: normalisations and softmax (SD 2.1 overflows in FP16 attention;
 # its config sets upcast_attention) and the reductions they are built from.
@@ -64,8 +64,10 @@ class Flavor:
         flag = getattr(self.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         return 1 << int(flag) if flag is not None and self.strongly_typed else 0
 
-    def configure(self, config, precision: str, target_cc: tuple) -> None:
+    def configure(self, config, precision: str, target_cc: tuple, refittable: bool = False) -> None:
         trt = self.module
+        if refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)
         if not self.strongly_typed and precision in ("fp16", "bf16", "int8", "fp8"):
             config.set_flag(getattr(trt.BuilderFlag, precision.upper()))  # int8/fp8: explicit Q/DQ graphs only
         if self.strongly_typed and target_cc:
@@ -75,24 +77,23 @@ class Flavor:
 
 
 def detect_flavor(requested: str = "auto") -> Flavor:
-    candidates = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
     order = ["tensorrt", "tensorrt-rtx"] if requested == "auto" else [requested]
-    if requested not in ("auto", *candidates):
+    if requested not in ("auto", "tensorrt", "tensorrt-rtx"):
         raise PercoError(f"unknown flavor {requested!r}: auto, tensorrt or tensorrt-rtx")
     for name in order:
-        try:
-            module = __import__(candidates[name])
-        except Exception:  # the PyPI 'tensorrt' stub can fail in odd ways at import
-            continue
-        if hasattr(module, "Builder"):
+        module = import_flavor(name)
+        if module is not None and hasattr(module, "Builder"):
             return Flavor(name, module)
     install = "pip install tensorrt-rtx" if requested != "tensorrt" else "install TensorRT (NVIDIA's wheels or JetPack)"
     raise PercoError(f"no usable TensorRT flavor ({requested}) is installed: {install}")
 
 
-def engine_key(onnx_sha: str, precision: str, shapes: dict, flavor: Flavor, target_cc: tuple) -> str:
+def engine_key(onnx_sha: str, precision: str, shapes: dict, flavor: Flavor, target_cc: tuple,
+               refittable: bool = False) -> str:
     payload = {"format": ENGINES_FORMAT, "onnx": onnx_sha, "precision": precision, "shapes": shapes,
                "flavor": flavor.name, "version": flavor.version, "target_cc": list(target_cc)}
+    if refittable:  # keys of non-refittable builds are unchanged by the option's addition
+        payload["refittable"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -197,7 +198,7 @@ def _fits(model) -> bool:
 
 
 def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Optional[dict] = None,
-         target_cc: tuple = (), out=None) -> list:
+         target_cc: tuple = (), out=None, refittable: bool = False) -> list:
     """What `build` would do, without building: per graph, weights size at this precision and cache state."""
     manifest = read_manifest(artifacts)
     overrides = overrides or {}
@@ -212,7 +213,8 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides)
         weights = entry["bytes"] * _BYTES_PER_WEIGHT[precision] // 4
-        key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc) if flavor else None
+        key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc, refittable) \
+            if flavor else None
         cached = bool(key and existing.get("graphs", {}).get(name, {}).get("key") == key)
         try:
             check_quantization(manifest, precision, artifacts)
@@ -226,8 +228,11 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
 
 
 def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", overrides: Optional[dict] = None,
-          target_cc: tuple = (), log=print, graphs: Optional[list] = None) -> Path:
-    """Build one engine per graph (or per graph of `graphs`); reuse engines whose key is unchanged."""
+          target_cc: tuple = (), log=print, graphs: Optional[list] = None, refittable: bool = False) -> Path:
+    """Build one engine per graph (or per graph of `graphs`); reuse engines whose key is unchanged.
+
+    `refittable` engines can take another model's weights in place (TensorRTBackend.switch).
+    """
     if precision not in PRECISIONS:
         raise PercoError(f"unknown precision {precision!r}: {', '.join(PRECISIONS)}")
     artifacts, out = Path(artifacts), Path(out)
@@ -243,14 +248,14 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     entries = {}
     cache_path = out / f"timing-{flavor.name}.cache"
     trt = flavor.module
-    logger = _logger(flavor, log)
+    logger = make_logger(trt, flavor.name, log)
     builder = trt.Builder(logger)
     timing_cache = None
     selected = [g for g in GRAPHS if graphs is None or g in graphs]
     for i, name in enumerate(selected, 1):
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides or {})
-        key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc)
+        key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc, refittable)
         old = previous.get("graphs", {}).get(name, {})
         engine_file = f"{name}-{precision}-{key[:12]}.engine"
         if same_run and old.get("key") == key and (out / engine_file).is_file() \
@@ -271,7 +276,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
             if timing_cache is None:
                 timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
             config.set_timing_cache(timing_cache, ignore_mismatch=False)
-        flavor.configure(config, precision, target_cc)
+        flavor.configure(config, precision, target_cc, refittable)
         profile = builder.create_optimization_profile()
         for j in range(network.num_inputs):
             tensor = network.get_input(j)
@@ -283,19 +288,21 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
             raise PercoError(f"{flavor.name} failed to build {name} at {precision}: {'; '.join(logger.errors[-3:])}")
         _atomic_bytes(out / engine_file, memoryview(blob))
         entries[name] = {"file": engine_file, "key": key, "sha256": file_sha256(out / engine_file),
-                         "bytes": (out / engine_file).stat().st_size, "onnx": source.name, "shapes": shapes,
+                         "bytes": (out / engine_file).stat().st_size, "onnx": source.name,
+                         "onnx_path": str(source.resolve()), "shapes": shapes, "refittable": refittable,
                          "build_seconds": round(time.perf_counter() - start, 3)}
         if entry.get("quantized"):  # a Q/DQ graph: its error was measured by perco quantize
             entries[name]["vs_fp32"] = manifest["quantization"]["error_vs_fp32"][name]
         elif source.name != entry["file"]:  # a precision graph: its error against FP32 on ONNX Runtime CPU
-            metric, value = graph_error(artifacts / entry["file"], source, entry, shapes)
+            metric, value = graph_error(artifacts / entry["file"], source, entry, shapes, manifest["model"])
             entries[name]["vs_fp32"] = {"metric": metric, "value": value}
             log(f"    {precision} graph vs fp32 on ONNX Runtime CPU: {metric} {value:.2e}")
         del blob, network, parser, config
     if timing_cache is not None:
         _atomic_bytes(cache_path, memoryview(timing_cache.serialize()))
     result = {"format": ENGINES_FORMAT, "flavor": flavor.name, "version": flavor.version, "precision": precision,
-              "target_cc": list(target_cc), "model": manifest["model"], "graphs": entries}
+              "target_cc": list(target_cc), "model": manifest["model"], "tokenizer": _copy_tokenizer(artifacts, manifest, out),
+              "graphs": entries}
     _atomic_bytes(out / ENGINES_MANIFEST, (json.dumps(result, indent=1) + "\n").encode())
     keep = {e["file"] for e in entries.values()} | {e["onnx"] for e in entries.values()}
     for path in out.iterdir():  # engines of earlier builds of this precision that no manifest names
@@ -305,9 +312,10 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     return out / ENGINES_MANIFEST
 
 
-def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, seed: int = 0) -> tuple:
+def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, model: dict, seed: int = 0) -> tuple:
     """("max_rel_error", max |candidate - reference| / max |reference|), or ("mismatch_fraction", ...)
-    for integer outputs, on seeded inputs at the profile's opt shapes."""
+    for integer outputs, on seeded inputs at the profile's opt shapes; token ids and indices are
+    drawn within the model's vocabulary and codebook (`model`: the manifest's model entry)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -316,9 +324,9 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, see
     for inp in entry["inputs"]:
         shape = shapes[inp["name"]]["opt"]
         if inp["name"] == "input_ids":
-            feed[inp["name"]] = rng.integers(0, 1000, shape).astype(np.int64)
+            feed[inp["name"]] = rng.integers(0, model["tokens"]["vocab_size"], shape).astype(np.int64)
         elif inp["name"] == "indices":
-            feed[inp["name"]] = rng.integers(0, 2, shape).astype(np.int64)
+            feed[inp["name"]] = rng.integers(0, model["codebook_size"], shape).astype(np.int64)
         elif inp["name"] == "timestep":
             feed[inp["name"]] = np.full(shape, 500, np.float32)
         else:
@@ -330,24 +338,15 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, see
     return "max_rel_error", float(np.abs(outs[1].astype(np.float64) - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-12))
 
 
-def _logger(flavor: Flavor, log):
-    """A TensorRT logger that keeps errors for our messages and drops the GPU probing noise of
-    TensorRT-RTX on machines without a GPU (its ahead-of-time build does not need one)."""
-    trt = flavor.module
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors = []
-
-        def log(self, severity, msg):
-            if severity > trt.ILogger.Severity.ERROR or "CUDA driver version is insufficient" in msg \
-                    or "cudaError 35" in msg or "cudaError 100" in msg:
-                return
-            self.errors.append(msg)
-            log(f"    [{flavor.name}] {msg}")
-
-    return Logger()
+def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]:
+    """Engines folders are self-contained: the tokenizer (for compressing captions) travels with them."""
+    name = manifest.get("tokenizer")
+    if not name or (out / name).is_dir():
+        return name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    shutil.copytree(artifacts / name, tmp, dirs_exist_ok=True)
+    os.replace(tmp, out / name)
+    return name
 
 
 def _read_engines(out: Path) -> dict:

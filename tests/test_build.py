@@ -151,3 +151,13 @@ def test_quantized_artifacts_decode_on_onnxruntime(codec, int8_artifacts):
     data = codec.compress(random_image(64, 64), caption="a barn")
     image = Codec.from_pretrained(backend="onnxruntime", artifacts=int8_artifacts).decompress(data, steps=2)
     assert image.shape == (64, 64, 3)
+
+
+def test_fp16_build_with_a_small_vocabulary(tmp_path, builtin_tokenizer_model):
+    """Validation inputs stay inside the model's vocabulary (the built-in tokenizer has 852 ids)."""
+    onnx_export.export_model(builtin_tokenizer_model, tmp_path / "art", profile=PROFILE, log=lambda text: None)
+    path = trt_build.build(tmp_path / "art", tmp_path / "e", "fp16", "tensorrt-rtx", log=lambda text: None,
+                           graphs=["text_encoder", "local_features"])
+    graphs = json.loads(path.read_text())["graphs"]
+    assert graphs["text_encoder"]["vs_fp32"]["value"] < 1e-2
+    assert graphs["local_features"]["vs_fp32"]["value"] < 1e-2

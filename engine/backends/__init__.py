@@ -16,6 +16,7 @@ from perco.engine.errors import BackendError
 _REGISTRY = {
     "torch": ("perco.export.reference", "pip install 'perco-engine[export]'"),
     "onnxruntime": ("perco.engine.backends.onnxruntime", "pip install onnxruntime (or onnxruntime-gpu)"),
+    "tensorrt": ("perco.engine.backends.tensorrt", "pip install tensorrt-rtx cuda-bindings (or NVIDIA's TensorRT)"),
 }
 
 
