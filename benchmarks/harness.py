@@ -17,7 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class BenchConfig:
     repeats: int = 3
     warmup: int = 1
     out: str = "benchmarks/results/bench"
+    artifacts: Optional[str] = None  # exported graphs for onnxruntime (else exported into the cache)
+    engines: Optional[str] = None  # `perco build` folder for tensorrt
 
 
 def summarize(times: list) -> dict:
@@ -98,14 +100,23 @@ def _image(width: int, height: int) -> np.ndarray:
 
 
 def run(config: BenchConfig, log=print) -> dict:
-    codecs = {name: Codec.from_pretrained(config.model, backend=name) for name in config.backends}
+    folders = {"onnxruntime": config.artifacts, "tensorrt": config.engines}
+    codecs = {name: Codec.from_pretrained(config.model, backend=name, artifacts=folders.get(name))
+              for name in config.backends}
     reference = codecs[config.backends[0]]
+    machine = {"platform": platform.platform(), "python": platform.python_version(),
+               "processor": platform.processor() or platform.machine()}
+    gpu_backends = [c.backend for c in codecs.values() if getattr(c.backend, "cuda", None) is not None]
+    if gpu_backends:
+        machine["gpu"] = gpu_backends[0].cuda.name
     result = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
+        "machine": machine,
         "model": reference.model.describe(),
-        "precision": "fp32",
-        "timer": "host perf_counter (CPU backends)",
+        "precision": "fp32" if not gpu_backends else
+                     ", ".join(f"{n}: {c.backend.manifest['precision'] if n == 'tensorrt' else 'fp32'}"
+                               for n, c in codecs.items()),
+        "timer": "host perf_counter" + ("; GPU backends synchronize after every network call" if gpu_backends else
+                                        " (CPU backends)"),
         "repeats": config.repeats,
         "warmup": config.warmup,
         "gemm_peak_tflops_fp32": gemm_peak_tflops(),

@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same bitstreams; JSON, markdown and a PNG plot. --smoke: tiny model, seconds.")
     _model_arg(p, required=False)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and steps (what CI runs)")
-    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated (default: %(default)s)")
+    p.add_argument("--backends", default="torch,onnxruntime",
+                   help="comma-separated, of torch, onnxruntime, tensorrt (default: %(default)s)")
+    p.add_argument("--artifacts", default=None, metavar="DIR",
+                   help="exported graphs for onnxruntime (default: --model exported into the cache)")
+    p.add_argument("--engines", default=None, metavar="DIR", help="engines for tensorrt (from 'perco build')")
     p.add_argument("--sizes", default="512x512,768x512", help="WxH list (default: %(default)s)")
     p.add_argument("--steps", default="1,5,20", help="step counts for latency (default: %(default)s)")
     p.add_argument("--batches", default="1,2,4,8,16,32", help="batch sizes for throughput (default: %(default)s)")
@@ -381,6 +385,7 @@ def cmd_bench(args) -> None:
         else:
             config = BenchConfig(
                 model=model, backends=args.backends.split(","), repeats=args.repeats, out=args.out,
+                artifacts=args.artifacts, engines=args.engines,
                 sizes=[tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")],
                 steps=[int(v) for v in args.steps.split(",")], batches=[int(v) for v in args.batches.split(",")],
                 throughput_steps=[int(v) for v in args.throughput_steps.split(",")])

@@ -285,7 +285,11 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
         config.add_optimization_profile(profile)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
-            raise PercoError(f"{flavor.name} failed to build {name} at {precision}: {'; '.join(logger.errors[-3:])}")
+            hint = ""
+            if refittable and flavor.strongly_typed and any("CUDA_SUCCESS" in e for e in logger.errors):
+                hint = " (TensorRT-RTX compiles refittable engines on a GPU: build them where one is present)"
+            raise PercoError(f"{flavor.name} failed to build {name} at {precision}: "
+                             f"{'; '.join(logger.errors[-3:])}{hint}")
         _atomic_bytes(out / engine_file, memoryview(blob))
         entries[name] = {"file": engine_file, "key": key, "sha256": file_sha256(out / engine_file),
                          "bytes": (out / engine_file).stat().st_size, "onnx": source.name,

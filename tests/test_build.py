@@ -161,3 +161,17 @@ def test_fp16_build_with_a_small_vocabulary(tmp_path, builtin_tokenizer_model):
     graphs = json.loads(path.read_text())["graphs"]
     assert graphs["text_encoder"]["vs_fp32"]["value"] < 1e-2
     assert graphs["local_features"]["vs_fp32"]["value"] < 1e-2
+
+
+def test_refittable_rtx_build_without_a_gpu_says_why(artifacts, tmp_path):
+    """Measured with TensorRT-RTX 1.7: the REFIT flag makes its builder JIT-compile, which needs CUDA."""
+    from perco.engine.cuda import open_cuda
+
+    try:
+        open_cuda()
+        pytest.skip("a GPU is present: refittable builds are expected to work here")
+    except PercoError:
+        pass
+    with pytest.raises(PercoError, match="compiles refittable engines on a GPU"):
+        trt_build.build(artifacts, tmp_path, "fp32", "tensorrt-rtx", log=lambda text: None,
+                        graphs=["local_features"], refittable=True)
