@@ -52,8 +52,6 @@ class Flavor:
 
     def unsupported(self, precision: str) -> Optional[str]:
         """Why this flavor cannot build `precision` from our graphs, or None."""
-        if self.strongly_typed and precision == "bf16":
-            return "bf16 needs a BF16 ONNX graph, which perco build does not produce yet (use fp16)"
         return None
 
     @property
@@ -128,14 +126,19 @@ def check_quantization(manifest: dict, precision: str, artifacts) -> None:
 
 
 def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor, out: Path, log) -> Path:
-    """The ONNX graph to build: the export (FP32, or Q/DQ for int8/fp8), or an FP16 graph made from it."""
+    """The ONNX graph to build: the export (FP32, or Q/DQ for int8/fp8), or an FP16/BF16 graph made from it.
+
+    FP16 and BF16 graphs are strongly typed: every tensor has its type in the graph, with the ops of
+    FP32_OPS (and their inputs and outputs) kept in FP32. BF16 is the FP16 graph with FLOAT16
+    retyped to BFLOAT16 and its weights rounded from the FP32 export, not from FP16.
+    """
     source = artifacts / entry["file"]
     if precision in ("fp32", "int8", "fp8") or not flavor.strongly_typed:
         return source
-    if precision != "fp16":
+    if precision not in ("fp16", "bf16"):
         raise PercoError(flavor.unsupported(precision) or f"{precision} is not supported")
     digest = entry["sha256"][entry["file"]]
-    target = out / f"{Path(entry['file']).stem}-fp16-{digest[:12]}.onnx"
+    target = out / f"{Path(entry['file']).stem}-{precision}-{digest[:12]}.onnx"
     if target.is_file():
         return target
     import onnx
@@ -146,6 +149,8 @@ def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor
     del model
     _drop_duplicate_casts(half)
     half = _toposorted(half)
+    if precision == "bf16":
+        _retype_bf16(half, onnx.load(str(source)).graph.initializer)
     tmp = target.with_name(f".{target.name}.tmp")
     large = half.ByteSize() > 1_900_000_000 if _fits(half) else True
     if large:
@@ -156,10 +161,50 @@ def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor
         onnx.checker.check_model(str(tmp))
     except onnx.checker.ValidationError as exc:
         os.unlink(tmp)
-        raise PercoError(f"the fp16 graph made from {source.name} is invalid: {str(exc).splitlines()[0]}") from None
+        raise PercoError(f"the {precision} graph made from {source.name} is invalid: {str(exc).splitlines()[0]}") \
+            from None
     os.replace(tmp, target)
-    log(f"    fp16 graph {target.name} (kept in fp32: {', '.join(FP32_OPS)})")
+    log(f"    {precision} graph {target.name} (kept in fp32: {', '.join(FP32_OPS)})")
     return target
+
+
+def bfloat16_bits(values) -> "np.ndarray":
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaNs quiet NaNs
+    return rounded
+
+
+def _retype_bf16(model, fp32_initializers) -> None:
+    """FLOAT16 -> BFLOAT16 in a graph from the FP16 converter: weights (re-rounded from FP32), Constant
+    values, Cast targets and declared types."""
+    import numpy as np
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    def to_bf16(tensor, fp32_values) -> None:
+        tensor.CopyFrom(TensorProto(name=tensor.name, dims=tensor.dims, data_type=TensorProto.BFLOAT16,
+                                    raw_data=bfloat16_bits(fp32_values).tobytes()))
+
+    originals = {t.name: t for t in fp32_initializers}
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT16:
+            origin = originals.get(t.name)
+            values = numpy_helper.to_array(origin) if origin is not None and origin.data_type == TensorProto.FLOAT \
+                else numpy_helper.to_array(t).astype(np.float32)
+            to_bf16(t, values)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype") and attr.i == TensorProto.FLOAT16:
+                attr.i = TensorProto.BFLOAT16
+            elif attr.type == AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT16:
+                to_bf16(attr.t, numpy_helper.to_array(attr.t).astype(np.float32))
+    for info in (*model.graph.value_info, *model.graph.input, *model.graph.output):
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            info.type.tensor_type.elem_type = TensorProto.BFLOAT16
 
 
 def _drop_duplicate_casts(model) -> None:
@@ -335,8 +380,10 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, mod
             feed[inp["name"]] = np.full(shape, 500, np.float32)
         else:
             feed[inp["name"]] = rng.standard_normal(shape).astype(np.float32)
-    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-            for p in (reference, candidate)]
+    with tempfile.TemporaryDirectory() as tmp:
+        runnable = _bf16_emulation(candidate, Path(tmp)) if _has_bf16(candidate) else candidate
+        outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                for p in (reference, runnable)]
     if outs[0].dtype == np.int64:
         return "mismatch_fraction", float((outs[0] != outs[1]).mean())
     return "max_rel_error", float(np.abs(outs[1].astype(np.float64) - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-12))
@@ -351,6 +398,53 @@ def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]
     shutil.copytree(artifacts / name, tmp, dirs_exist_ok=True)
     os.replace(tmp, out / name)
     return name
+
+
+def _has_bf16(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.initializer)
+
+
+def _bf16_emulation(path: Path, folder: Path) -> Path:
+    """An FP32 graph that rounds to BF16 wherever the BF16 graph stores a BF16 tensor (weights and
+    every BF16 node output), computing each op in FP32 as TensorRT's BF16 kernels accumulate.
+    ONNX Runtime's CPU provider runs almost no op in BF16; it runs this."""
+    import onnx
+    import onnx.external_data_helper
+    from onnx import TensorProto, helper, numpy_helper
+
+    inferred = folder / "inferred.onnx"
+    onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+    model = onnx.load(str(inferred), load_external_data=False)
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    bf16 = {v.name for v in (*model.graph.value_info, *model.graph.output)
+            if v.type.tensor_type.elem_type == TensorProto.BFLOAT16}
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.BFLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name))
+    nodes = []
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype") and attr.i == TensorProto.BFLOAT16:
+                attr.i = TensorProto.FLOAT
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.BFLOAT16:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype("float32")))
+        rounded = []
+        for i, name in enumerate(node.output):
+            if name in bf16:
+                node.output[i] = f"{name}__fp32"
+                rounded += [helper.make_node("Cast", [f"{name}__fp32"], [f"{name}__bf16"], to=TensorProto.BFLOAT16),
+                            helper.make_node("Cast", [f"{name}__bf16"], [name], to=TensorProto.FLOAT)]
+        nodes += [node, *rounded]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]
+    out = folder / "bf16-emulation.onnx"
+    large = not _fits(model) or model.ByteSize() > 1_900_000_000
+    onnx.save_model(model, str(out), save_as_external_data=large, location="bf16-emulation.data")
+    return out
 
 
 def _read_engines(out: Path) -> dict:
