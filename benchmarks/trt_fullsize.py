@@ -1,10 +1,12 @@
 """Full-size TensorRT(-RTX) engine builds on this machine: time, peak memory, engine size.
 
-    python benchmarks/trt_fullsize.py --artifacts DIR [--out benchmarks/results/trt_fullsize]
+    python benchmarks/trt_fullsize.py --artifacts DIR [--precisions fp32,fp16,bf16] [--out benchmarks/results/trt_fullsize]
 
 DIR holds the full-size export (see benchmarks/onnx_fullsize.py). Each (graph, precision) is
 built in its own child process so its peak RSS is its own. The FP16 row includes making the FP16
-graph from the FP32 export, and its error against FP32 on ONNX Runtime CPU.
+graph from the FP32 export, and its error against FP32 on ONNX Runtime CPU (BF16: through the
+BF16-rounding FP32 emulation, since ONNX Runtime's CPU provider runs almost no op in BF16).
+Rows of precisions not run this time are kept from the previous results file.
 """
 
 import argparse
@@ -32,9 +34,15 @@ def main() -> None:
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--engines", default="/tmp/perco-fullsize/engines")
     parser.add_argument("--out", default="benchmarks/results/trt_fullsize")
+    parser.add_argument("--precisions", default="fp32,fp16,bf16")
     args = parser.parse_args()
-    rows = []
-    for precision in ("fp32", "fp16"):
+    precisions = args.precisions.split(",")
+    out = Path(args.out)
+    try:
+        rows = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"] if r["precision"] not in precisions]
+    except (OSError, ValueError, KeyError):
+        rows = []
+    for precision in precisions:
         for graph in ("denoiser", "vae_decoder", "text_encoder"):
             proc = subprocess.run([sys.executable, "-c", CHILD, args.artifacts, f"{args.engines}/{precision}", precision,
                                    graph], capture_output=True, text=True)
@@ -44,8 +52,9 @@ def main() -> None:
                 rows.append({"graph": graph, "precision": precision, **json.loads(proc.stdout.strip().splitlines()[-1])})
             print(json.dumps(rows[-1]), flush=True)
     manifest = json.loads((Path(args.artifacts) / "manifest.json").read_text())
+    order = {"fp32": 0, "fp16": 1, "bf16": 2}
+    rows.sort(key=lambda r: order.get(r["precision"], 9))
     result = {"machine": platform.platform(), "profile": manifest["profile"], "rows": rows}
-    out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Full-size engine builds on the CPU machine ({platform.platform()})", "",
              f"`python benchmarks/trt_fullsize.py --artifacts DIR`; PerCo (SD) 0.0313, SD 2.1 dimensions, random "

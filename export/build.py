@@ -68,6 +68,8 @@ class Flavor:
             config.set_flag(trt.BuilderFlag.REFIT)
         if not self.strongly_typed and precision in ("fp16", "bf16", "int8", "fp8"):
             config.set_flag(getattr(trt.BuilderFlag, precision.upper()))  # int8/fp8: explicit Q/DQ graphs only
+            if precision in ("int8", "fp8"):
+                config.set_flag(trt.BuilderFlag.FP16)  # layers without Q/DQ run in FP16, not FP32
         if self.strongly_typed and target_cc:
             config.num_compute_capabilities = len(target_cc)
             for i, cc in enumerate(target_cc):
@@ -133,6 +135,8 @@ def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor
     retyped to BFLOAT16 and its weights rounded from the FP32 export, not from FP16.
     """
     source = artifacts / entry["file"]
+    if precision in ("int8", "fp8") and not entry.get("quantized") and entry["file"].endswith(".onnx"):
+        precision = "fp16"  # a graph perco quantize left in float: FP16, as in the precision's engines
     if precision in ("fp32", "int8", "fp8") or not flavor.strongly_typed:
         return source
     if precision not in ("fp16", "bf16"):
@@ -168,7 +172,7 @@ def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor
     return target
 
 
-def bfloat16_bits(values) -> "np.ndarray":
+def bfloat16_bits(values):
     """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
     import numpy as np
 
@@ -340,12 +344,13 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
                          "bytes": (out / engine_file).stat().st_size, "onnx": source.name,
                          "onnx_path": str(source.resolve()), "shapes": shapes, "refittable": refittable,
                          "build_seconds": round(time.perf_counter() - start, 3)}
+        entries[name]["precision"] = _graph_precision(entry, precision, source)
         if entry.get("quantized"):  # a Q/DQ graph: its error was measured by perco quantize
             entries[name]["vs_fp32"] = manifest["quantization"]["error_vs_fp32"][name]
         elif source.name != entry["file"]:  # a precision graph: its error against FP32 on ONNX Runtime CPU
             metric, value = graph_error(artifacts / entry["file"], source, entry, shapes, manifest["model"])
             entries[name]["vs_fp32"] = {"metric": metric, "value": value}
-            log(f"    {precision} graph vs fp32 on ONNX Runtime CPU: {metric} {value:.2e}")
+            log(f"    {source.name} vs fp32 on ONNX Runtime CPU: {metric} {value:.2e}")
         del blob, network, parser, config
     if timing_cache is not None:
         _atomic_bytes(cache_path, memoryview(timing_cache.serialize()))
@@ -398,6 +403,16 @@ def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]
     shutil.copytree(artifacts / name, tmp, dirs_exist_ok=True)
     os.replace(tmp, out / name)
     return name
+
+
+def _graph_precision(entry: dict, precision: str, source: Path) -> str:
+    """The precision one engine really has: int8/fp8 builds make float graphs FP16."""
+    if entry.get("quantized"):
+        return entry["quantized"]
+    for made in ("fp16", "bf16"):
+        if f"-{made}-" in source.name:
+            return made
+    return "fp16" if precision in ("int8", "fp8") else precision
 
 
 def _has_bf16(path: Path) -> bool:

@@ -21,8 +21,32 @@ from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, file_sha256, read_manifest
 from perco.engine.model import ModelSpec
 
-QUANTIZED_GRAPHS = ("text_encoder", "vae_encoder", "denoiser", "vae_decoder")
-KEEP_FP32_OPS = ["Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization"]
+# The denoiser runs at every step and holds nearly all of the decode's FLOPs; the text encoder runs
+# once per image. The VAE runs once, and its decoder is the most range-sensitive network (measured:
+# docs/tensorrt.md), so it stays in FP16/FP32 unless asked for.
+QUANTIZED_GRAPHS = ("text_encoder", "denoiser")
+QUANTIZABLE_GRAPHS = ("text_encoder", "vae_encoder", "denoiser", "vae_decoder")
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
+
+
+# Boundary layers left unquantized, by the names our export gives them (tests check they exist):
+# the UNet's conv_in_extended reads the noisy latent and the local features concatenated, whose
+# ranges differ by channel, and conv_out writes the prediction; the time embedding reads a
+# sinusoid; cross-attention keys/values read the text embeddings (CLIP's have outlier channels);
+# the VAE's first and last convolutions touch pixels and latents.
+BOUNDARY_LAYERS = ("/conv_in_extended/", "/unet/conv_out/", "/time_embedding/", "/attn2/to_k/", "/attn2/to_v/",
+                   "/encoder/conv_in/", "/quant_conv/", "/post_quant_conv/", "/decoder/conv_out/")
+
+
+def excluded_nodes(model) -> list:
+    """Names of the weighted layers left unquantized: the boundary layers above, and every product
+    of two activations (attention's QK^T and its weighted sum: a softmax output or a key has no
+    single range int8 holds well; TensorRT runs these fused in FP16)."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    excluded = {n.name for n in graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)}
+    excluded |= {n.name for n in graph.node if n.op_type in WEIGHTED_OPS and any(b in n.name for b in BOUNDARY_LAYERS)}
+    return sorted(excluded)
 
 
 def _images(calibration, count: int, width: int, height: int, seed: int) -> list:
@@ -88,15 +112,25 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize(artifacts, out, precision: str = "int8", calibration=None, count: int = 4, log=print) -> dict:
-    """Write Q/DQ artifacts to `out`; return {graph: {"metric", "value"}} errors vs FP32 (held-out inputs)."""
+def quantize(artifacts, out, precision: str = "int8", calibration=None, count: int = 4, log=print,
+             graphs=QUANTIZED_GRAPHS) -> dict:
+    """Write Q/DQ artifacts to `out`; return {graph: {"metric", "value"}} errors vs FP32 (held-out inputs).
+
+    `graphs`: which of QUANTIZABLE_GRAPHS get Q/DQ; the others are copied as they are (FP32),
+    and `perco build` makes them FP16 engines.
+    """
     import logging
+
+    import onnx
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process goes to the root logger
     if precision not in ("int8", "fp8"):
         raise PercoError(f"quantize makes int8 or fp8 graphs, not {precision!r}")
+    unknown = sorted(set(graphs) - set(QUANTIZABLE_GRAPHS))
+    if unknown or not graphs:
+        raise PercoError(f"cannot quantize {', '.join(unknown) or 'no graph'}: choose from {', '.join(QUANTIZABLE_GRAPHS)}")
     artifacts, out = Path(artifacts), Path(out)
     if artifacts.resolve() == out.resolve():
         raise PercoError("write quantized artifacts to another folder than the FP32 ones")
@@ -117,25 +151,30 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     for name in GRAPHS:
         entry = manifest["graphs"][name]
         files = list(entry["sha256"])
-        if name not in QUANTIZED_GRAPHS:
+        if name not in graphs:
             for f in files:
                 shutil.copyfile(artifacts / f, out / f)
             continue
         target = f"{Path(entry['file']).stem}-{precision}.onnx"
-        log(f"quantizing {name} to {precision} (calibration: {len(calibration_feeds[name])} inputs)")
+        excluded = excluded_nodes(onnx.load(str(artifacts / entry["file"]), load_external_data=False))
+        log(f"quantizing {name} to {precision} (calibration: {len(calibration_feeds[name])} inputs; "
+            f"{len(excluded)} layers kept in float)")
         quantize_static(str(artifacts / entry["file"]), str(out / target), _Reader(calibration_feeds[name]),
                         quant_format=QuantFormat.QDQ, activation_type=qtype, weight_type=qtype, per_channel=True,
                         calibrate_method=method, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                        nodes_to_exclude=[], use_external_data_format=entry["external_data"] is not None,
+                        nodes_to_exclude=excluded, use_external_data_format=entry["external_data"] is not None,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "QuantizeBias": False})  # TensorRT takes float biases
         new["graphs"][name].update(file=target, external_data=None, sha256={target: file_sha256(out / target)},
-                                   bytes=(out / target).stat().st_size, quantized=precision)
+                                   bytes=(out / target).stat().st_size, quantized=precision,
+                                   float_layers=len(excluded))
         report[name] = _error(artifacts / entry["file"], out / target, check_feeds[name])
         log(f"    {name}: {report[name]['metric']} {report[name]['value']:.3e} vs fp32 (held-out inputs, ORT CPU)")
     shutil.copytree(artifacts / manifest["tokenizer"], out / manifest["tokenizer"], dirs_exist_ok=True)
     new["quantization"] = {"precision": precision,
-                           "method": f"QDQ, {method.name} calibration, per-channel symmetric weights, float biases",
+                           "method": f"QDQ, {method.name} calibration, per-channel symmetric weights, float biases; "
+                                     "attention products and boundary layers kept in float",
+                           "graphs": list(report),
                            "calibration": str(calibration) if calibration else "built-in sample + seeded images",
                            "error_vs_fp32": report}
     tmp = out / f".{MANIFEST}.tmp"

@@ -10,7 +10,6 @@ import pytest
 from conftest import init_tiny, random_image
 from perco.engine import Codec
 from perco.engine.errors import BackendError, ModelError, PercoError
-from perco.engine.graphs import GRAPHS
 
 pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx)")
 from fake_tensorrt import FakeCuda, FakeTrt  # noqa: E402
