@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, metavar="DIR",
                    help="calibration images (PNG/JPEG); default: the built-in sample and seeded images")
     p.add_argument("--count", type=_positive, default=4, help="calibration images to use (default: %(default)s)")
+    p.add_argument("--graphs", default="text_encoder,denoiser", metavar="G[,G]",
+                   help="graphs to quantize, of text_encoder, vae_encoder, denoiser, vae_decoder (default: "
+                        "%(default)s; the others stay float and build as FP16 engines)")
 
     p = sub.add_parser("bench", help="latency and throughput, backends side by side",
                        description="Per-stage latency, end-to-end decode and throughput of each backend on the "
@@ -366,7 +369,7 @@ def cmd_quantize(args) -> None:
     except ImportError as exc:
         raise PercoError(f"quantize needs {exc.name}: pip install 'perco-engine[export]'") from None
     report = quantize(args.artifacts, args.output, args.precision, args.calibration, args.count,
-                      log=lambda text: print(text, file=sys.stderr))
+                      log=lambda text: print(text, file=sys.stderr), graphs=tuple(args.graphs.split(",")))
     for name, r in report.items():
         print(f"{name:15s} {args.precision} vs fp32: max rel error {r['value']:.3e}, rms rel error {r['rms_rel_error']:.3e}")
 

@@ -193,3 +193,18 @@ def test_cli_export_and_check(tiny_model, artifacts, capsys):
     assert out.count(" ok") == len(GRAPHS)
     assert main(["export", "--model", str(tiny_model), "-o", str(artifacts), "--height", "64:512"]) == 2
     assert "MIN:OPT:MAX" in capsys.readouterr().err
+
+
+def test_io_binding_path_matches_plain_runs_and_uploads_step_constants_once(artifacts, codec):
+    """The CUDA provider's I/O-binding code, run with host buffers (no GPU here): same pixels, and the
+    text embeddings and local features are copied once per decode, not once per step."""
+    from perco.engine.backends.onnxruntime import OnnxRuntimeBackend
+    from perco.engine.manifest import spec_from_artifacts
+
+    spec, manifest = spec_from_artifacts(artifacts)
+    data = codec.compress(random_image(64, 96), caption="a red barn")
+    plain = Codec(spec, OnnxRuntimeBackend(artifacts, manifest)).decompress(data, steps=4)
+    bound_backend = OnnxRuntimeBackend(artifacts, manifest, io_binding=True)
+    bound = Codec(spec, bound_backend).decompress(data, steps=4)
+    assert np.array_equal(plain, bound)
+    assert bound_backend.uploads == 2  # the [2B] text embeddings and [2B] local features, for all 4 steps

@@ -203,7 +203,7 @@ class TensorRTBackend:
         if built and getattr(trt, "__version__", built) != built:
             raise ModelError(f"engines in {folder} were built with {self.flavor} {built}, this is "
                              f"{trt.__version__}: rebuild them with 'perco build'")
-        self.cuda = cuda or open_cuda()
+        self.cuda = cuda or open_cuda()  # cuda: a perco.engine.cuda.Cuda (or a stand-in with its methods)
         self.cuda_graphs = cuda_graphs
         self.logger = make_logger(self.trt, self.flavor, log or (lambda text: print(text, file=sys.stderr)))
         self.runtime = self.trt.Runtime(self.logger)
@@ -336,14 +336,34 @@ def _numpy_dtype(dtype, file: str, tensor: str):
 
 
 def open_backend(model_dir=None, artifacts=None, progress: bool = False):
-    """(ModelSpec, backend) from an engines folder (`perco build`), given as `artifacts`."""
+    """(ModelSpec, backend) from an engines folder (`perco build`), given as `artifacts`. With only
+    `model_dir`, export it and build FP16 engines into the cache first (needs the export extra)."""
+    from perco.engine.cuda import open_cuda
     from perco.engine.model import ModelInfo, ModelSpec
 
+    cuda = open_cuda()  # before any export or build: fail fast where there is no GPU
     if artifacts is None:
-        raise BackendError("the tensorrt backend needs --artifacts ENGINES (a folder from 'perco build')")
+        if model_dir is None:
+            raise BackendError("the tensorrt backend needs --artifacts ENGINES (a folder from 'perco build') "
+                               "or --model DIR")
+        artifacts = _built(model_dir, progress)
     manifest = read_engines(artifacts)
     tokenizer = Path(artifacts) / manifest["tokenizer"] if manifest.get("tokenizer") else None
     spec = ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer)
     if model_dir is not None and ModelInfo(model_dir).fingerprint != spec.fingerprint:
         raise ModelError(f"engines in {artifacts} were built from another model than {model_dir}")
-    return spec, TensorRTBackend(artifacts, manifest)
+    return spec, TensorRTBackend(artifacts, manifest, cuda=cuda)
+
+
+def _built(model_dir, progress: bool) -> Path:
+    from perco.engine.backends.onnxruntime import _exported
+    from perco.engine.demo import cache_dir
+    from perco.engine.model import ModelInfo
+
+    artifacts = _exported(model_dir, progress)
+    from perco.export.build import build  # importable wherever the export above was
+
+    folder = cache_dir() / "engines" / f"{ModelInfo(model_dir).fingerprint.hex()}-fp16"
+    build(artifacts, folder, "fp16", "auto", log=(lambda text: print(text, file=sys.stderr)) if progress
+          else (lambda text: None))
+    return folder
