@@ -1,11 +1,11 @@
 """The artifacts manifest (written by `perco export`), read by runtime backends without torch."""
 
 import hashlib
-import json
 from pathlib import Path
 
 from perco.engine.errors import ModelError
 from perco.engine.graphs import GRAPHS
+from perco.engine.model import read_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -23,13 +23,8 @@ def read_manifest(folder, verify: bool = False) -> dict:
     """Read and check a manifest; with `verify`, also hash every file it names."""
     folder = Path(folder)
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{folder} holds no exported graphs ({MANIFEST} missing): run 'perco export'") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    manifest = read_json(path, missing=f"{folder} holds no exported graphs ({MANIFEST} missing): run 'perco export'")
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise ModelError(f"{path} is not a format-{MANIFEST_FORMAT} PerCo Engine manifest: re-run 'perco export'")
     graphs = manifest.get("graphs", {})
     missing = sorted(set(GRAPHS) - set(graphs))

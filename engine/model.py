@@ -35,11 +35,12 @@ SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, missing: Optional[str] = None) -> dict:
+    """A JSON object from `path`; ModelError (with `missing` if the file is absent) otherwise."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelError(f"model folder is incomplete: {path} is missing") from None
+        raise ModelError(missing or f"model folder is incomplete: {path} is missing") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     if not isinstance(value, dict):

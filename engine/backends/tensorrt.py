@@ -12,7 +12,6 @@
 - TensorRT-RTX compiles kernels at run time; its runtime cache is kept in the engines folder.
 """
 
-import json
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -62,14 +61,11 @@ def make_logger(trt, flavor: str, log):
 
 def read_engines(folder) -> dict:
     """The engine manifest of a `perco build` folder, checked for completeness."""
+    from perco.engine.model import read_json
+
     path = Path(folder) / ENGINES_MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{folder} holds no engines ({ENGINES_MANIFEST} missing): run 'perco build'") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != ENGINES_FORMAT:
+    manifest = read_json(path, missing=f"{folder} holds no engines ({ENGINES_MANIFEST} missing): run 'perco build'")
+    if manifest.get("format") != ENGINES_FORMAT:
         raise ModelError(f"{path} is not a format-{ENGINES_FORMAT} engine manifest: re-run 'perco build'")
     missing = sorted(set(GRAPHS) - set(manifest.get("graphs", {})))
     if missing:
