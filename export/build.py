@@ -261,7 +261,10 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
     for name in GRAPHS:
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides)
-        weights = entry["bytes"] * _BYTES_PER_WEIGHT[precision] // 4
+        if entry.get("quantized"):  # Q/DQ graphs already store 8-bit weights
+            weights = entry["bytes"]
+        else:  # float graphs of an int8/fp8 build become FP16 engines
+            weights = entry["bytes"] * _BYTES_PER_WEIGHT["fp16" if precision in ("int8", "fp8") else precision] // 4
         key = engine_key(entry["sha256"][entry["file"]], precision, shapes, flavor, target_cc, refittable) \
             if flavor else None
         cached = bool(key and existing.get("graphs", {}).get(name, {}).get("key") == key)

@@ -165,8 +165,10 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
                         nodes_to_exclude=excluded, use_external_data_format=entry["external_data"] is not None,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "QuantizeBias": False})  # TensorRT takes float biases
-        new["graphs"][name].update(file=target, external_data=None, sha256={target: file_sha256(out / target)},
-                                   bytes=(out / target).stat().st_size, quantized=precision,
+        files = [target] + _external_files(out / target)
+        new["graphs"][name].update(file=target, external_data=files[1] if len(files) > 1 else None,
+                                   sha256={f: file_sha256(out / f) for f in files},
+                                   bytes=sum((out / f).stat().st_size for f in files), quantized=precision,
                                    float_layers=len(excluded))
         report[name] = _error(artifacts / entry["file"], out / target, check_feeds[name])
         log(f"    {name}: {report[name]['metric']} {report[name]['value']:.3e} vs fp32 (held-out inputs, ORT CPU)")
@@ -181,6 +183,16 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     tmp.write_text(json.dumps(new, indent=1) + "\n")
     tmp.replace(out / MANIFEST)
     return report
+
+
+def _external_files(path: Path) -> list:
+    """The external-data files a saved ONNX graph points at (the quantizer writes one beside a
+    graph over 2 GB), so the manifest hashes and copies them too."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sorted({ExternalDataInfo(t).location for t in graph.initializer if uses_external_data(t)})
 
 
 def _error(reference: Path, candidate: Path, feeds: list) -> dict:
