@@ -117,7 +117,8 @@ def test_close_frees_every_allocation(built, codec):
 
 def test_switch_keeps_shared_networks_refits_the_unet_and_loads_the_rest(built, codec, tiny_model, tmp_path):
     """Another rate: the VAE and text encoder engines are kept (same keys), the UNet takes the new
-    weights in place, the hyper-encoder and local features (another grid) load their own engines."""
+    weights in place, the local features (another grid) load their own engine. (Encoder engines
+    load at the first compress, so a decoder never holds them.)"""
     _, engines = built
     other_model = init_tiny(tmp_path / "m", "--rate", "0.1250", "--tokenizer", str(codec.model.tokenizer_dir))
     for shared in ("vae", "text_encoder"):  # as in the released checkpoints: SD 2.1's own
@@ -128,8 +129,7 @@ def test_switch_keeps_shared_networks_refits_the_unet_and_loads_the_rest(built, 
     backend.trt.register(other_eng, refittable=True)
     before = {name: e.engine for name, e in backend.engines.items()}
     actions = backend.switch(other_eng)
-    assert actions == {"text_encoder": "kept", "vae_encoder": "kept", "hyper_encoder": "loaded",
-                       "local_features": "loaded", "denoiser": "refitted", "vae_decoder": "kept"}
+    assert actions == {"text_encoder": "kept", "local_features": "loaded", "denoiser": "refitted", "vae_decoder": "kept"}
     assert backend.engines["denoiser"].engine is before["denoiser"]  # the same engine, new weights
     other_codec = Codec.from_pretrained(other_model, backend="torch")
     data = other_codec.compress(random_image(64, 64), caption="a barn")
@@ -147,6 +147,19 @@ def test_not_refittable_engines_load_instead(other_seed_model, built, tmp_path):
     refittable, _ = _backend(engines, refittable=True)
     refittable.trt.register(other)
     assert set(refittable.switch(other).values()) == {"refitted"}
+
+
+def test_decode_only_engines_decode_and_refuse_to_compress_clearly(built, codec, tmp_path):
+    artifacts, _ = built
+    trt_build.build(artifacts, tmp_path / "dec", "fp32", "tensorrt-rtx", graphs=list(trt_backend.DECODER_GRAPHS),
+                    **QUIET)
+    trt_codec, backend = _codec(tmp_path / "dec")
+    data = codec.compress(random_image(64, 64), caption="a barn")
+    reference = Codec.from_pretrained(backend="onnxruntime", artifacts=artifacts).decompress(data, steps=2)
+    assert np.array_equal(trt_codec.decompress(data, steps=2), reference)
+    assert set(backend.engines) == set(trt_backend.DECODER_GRAPHS)
+    with pytest.raises(ModelError, match="no vae_encoder engine .*decode-only"):
+        trt_codec.compress(random_image(64, 64))
 
 
 def test_bad_engines_folders_give_one_clear_error(built, tmp_path):

@@ -27,6 +27,8 @@ ENGINES_FORMAT = 1
 RUNTIME_CACHE = "runtime-tensorrt-rtx.cache"
 _STEP_CONSTANT_INPUTS = {"text_embeddings", "local_features"}
 _CAPTURED_GRAPHS = {"denoiser"}  # called once per step with the same shapes
+DECODER_GRAPHS = ("text_encoder", "local_features", "denoiser", "vae_decoder")  # loaded at open
+ENCODER_GRAPHS = ("vae_encoder", "hyper_encoder")  # optional in an engines folder; loaded at first compress
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8,
           "UINT8": np.uint8, "BOOL": np.bool_}
 # Messages TensorRT-RTX logs while probing for a GPU it does not need (ahead-of-time builds on a CPU).
@@ -67,9 +69,10 @@ def read_engines(folder) -> dict:
     manifest = read_json(path, missing=f"{folder} holds no engines ({ENGINES_MANIFEST} missing): run 'perco build'")
     if manifest.get("format") != ENGINES_FORMAT:
         raise ModelError(f"{path} is not a format-{ENGINES_FORMAT} engine manifest: re-run 'perco build'")
-    missing = sorted(set(GRAPHS) - set(manifest.get("graphs", {})))
+    missing = sorted(set(DECODER_GRAPHS) - set(manifest.get("graphs", {})))
     if missing:
-        raise ModelError(f"{path} lacks engines for: {', '.join(missing)} (build every graph to decode)")
+        raise ModelError(f"{path} lacks engines for: {', '.join(missing)} (a decoder needs "
+                         f"{', '.join(DECODER_GRAPHS)})")
     return manifest
 
 
@@ -205,7 +208,7 @@ class TensorRTBackend:
         self.runtime = self.trt.Runtime(self.logger)
         self._scratch, self._scratch_bytes = 0, 0
         self._runtime_cache = None
-        self.engines = {name: self._load(name, self.folder, manifest["graphs"][name]) for name in GRAPHS}
+        self.engines = {name: self._load(name, self.folder, manifest["graphs"][name]) for name in DECODER_GRAPHS}
         self._share_activation_memory()
 
     # --- loading --------------------------------------------------------------------------
@@ -258,7 +261,14 @@ class TensorRTBackend:
 
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if graph not in self.engines:
-            raise BackendError(f"unknown graph {graph!r}")
+            if graph not in GRAPHS:
+                raise BackendError(f"unknown graph {graph!r}")
+            entry = self.manifest["graphs"].get(graph)
+            if entry is None:
+                raise ModelError(f"engines in {self.folder} have no {graph} engine (a decode-only build): "
+                                 "build every graph to compress")
+            self.engines[graph] = self._load(graph, self.folder, entry)
+            self._share_activation_memory()
         return self.engines[graph].run(inputs)
 
     # --- switching builds: keep, refit or load ------------------------------------------------
@@ -274,8 +284,13 @@ class TensorRTBackend:
         if manifest.get("flavor") != self.flavor:
             raise ModelError(f"engines in {folder} are {manifest.get('flavor')}, loaded ones are {self.flavor}")
         actions = {}
-        for name in GRAPHS:
-            entry, current = manifest["graphs"][name], self.engines[name]
+        for name in list(self.engines):
+            entry, current = manifest["graphs"].get(name), self.engines[name]
+            if entry is None:  # an encoder engine the other build lacks
+                current.release()
+                del self.engines[name]
+                actions[name] = "released"
+                continue
             if entry["key"] == current.entry["key"]:
                 actions[name] = "kept"
                 continue
