@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="also decode the caption and check the fingerprint against this model")
     p.add_argument("--artifacts", metavar="DIR", default=None,
-                   help="the same with exported artifacts instead of a model folder")
+                   help="the same with exported artifacts ('perco export') or engines ('perco build') instead "
+                        "of a model folder")
 
     p = sub.add_parser("init-tiny", help="write a tiny random model in the real folder layout",
                        description="Write a tiny, seeded, randomly initialised PerCo (SD) model in exactly the "
@@ -259,8 +260,8 @@ def cmd_compress(args) -> None:
 
     _check_output(args.output)
     image = load_image(args.image)  # fail on a bad image before loading any model
-    codec = _codec(args)
-    data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint))
+    with _codec(args) as codec:
+        data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint))
     atomic_write(args.output, data)
     h, w = image.shape[:2]
     print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
@@ -272,9 +273,9 @@ def cmd_decompress(args) -> None:
 
     _check_output(args.output)
     data = _read_bitstream(args.input)
-    codec = _codec(args)
-    image = codec.decompress(data, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                             guidance_stop=args.guidance_stop, progress=not args.quiet)
+    with _codec(args) as codec:
+        image = codec.decompress(data, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                 guidance_stop=args.guidance_stop, progress=not args.quiet)
     save_png(args.output, image)
     print(f"{args.output}: {image.shape[1]}x{image.shape[0]} PNG")
     _say(args, "stage timings (decompress):\n" + codec.timings.table())
@@ -321,11 +322,17 @@ def cmd_info(args) -> None:
 
 
 def _spec(model, artifacts):
-    """The ModelSpec of a model folder, else of an artifacts folder (no torch either way)."""
-    from perco.engine.manifest import spec_from_artifacts
+    """The ModelSpec of a model folder, else of an artifacts or engines folder (no torch either way)."""
+    from perco.engine.backends.tensorrt import ENGINES_MANIFEST, spec_from_engines
+    from perco.engine.manifest import MANIFEST, spec_from_artifacts
     from perco.engine.model import ModelInfo
 
-    return ModelInfo(model).spec if model else spec_from_artifacts(artifacts)[0]
+    if model:
+        return ModelInfo(model).spec
+    folder = Path(artifacts)
+    if not (folder / MANIFEST).is_file() and (folder / ENGINES_MANIFEST).is_file():
+        return spec_from_engines(folder)[0]
+    return spec_from_artifacts(folder)[0]
 
 
 def cmd_init_tiny(args) -> None:
@@ -339,7 +346,8 @@ def cmd_init_tiny(args) -> None:
 def cmd_demo(args) -> None:
     from perco.engine.demo import run_demo
 
-    run_demo(args, _codec(args))
+    with _codec(args) as codec:
+        run_demo(args, codec)
 
 
 def cmd_build(args) -> None:

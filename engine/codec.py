@@ -64,6 +64,18 @@ class Codec:
         spec, runner = open_backend(backend, folder, artifacts, progress)
         return cls(spec, runner)
 
+    def close(self) -> None:
+        """Release the backend's resources (device memory; TensorRT-RTX saves its runtime cache)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Codec":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # --- encoder side ---------------------------------------------------------------------
 
     def compress(self, image, caption: str = "", seed: int = 0, hints: Hints = Hints()) -> bytes:

@@ -148,6 +148,7 @@ def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    log(f"    making the {precision} graph from {source.name} ...")
     model = onnx.load(str(source))
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=True)
     del model
@@ -168,7 +169,7 @@ def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor
         raise PercoError(f"the {precision} graph made from {source.name} is invalid: {str(exc).splitlines()[0]}") \
             from None
     os.replace(tmp, target)
-    log(f"    {precision} graph {target.name} (kept in fp32: {', '.join(FP32_OPS)})")
+    log(f"    wrote {target.name} (kept in fp32: {', '.join(FP32_OPS)})")
     return target
 
 
@@ -329,6 +330,8 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
                 timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
             config.set_timing_cache(timing_cache, ignore_mismatch=False)
         flavor.configure(config, precision, target_cc, refittable)
+        if hasattr(trt, "IProgressMonitor"):
+            config.progress_monitor = _progress_monitor(trt, log)
         profile = builder.create_optimization_profile()
         for j in range(network.num_inputs):
             tensor = network.get_input(j)
@@ -395,6 +398,33 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, mod
     if outs[0].dtype == np.int64:
         return "mismatch_fraction", float((outs[0] != outs[1]).mean())
     return "max_rel_error", float(np.abs(outs[1].astype(np.float64) - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-12))
+
+
+def _progress_monitor(trt, log):
+    """Builds of full-size graphs take minutes: log each top-level builder phase and its time."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.started, self.top = {}, set()
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None or parent_phase in self.top:
+                if parent_phase is None:
+                    self.top.add(phase_name)
+                self.started[phase_name] = time.perf_counter()
+                log(f"    {'  ' if parent_phase else ''}{phase_name} ({num_steps} steps) ...")
+
+        def step_complete(self, phase_name, step):
+            return True  # never cancel
+
+        def phase_finish(self, phase_name):
+            if phase_name in self.started:
+                indent = "" if phase_name in self.top else "  "
+                self.top.discard(phase_name)
+                log(f"    {indent}{phase_name}: {time.perf_counter() - self.started.pop(phase_name):.1f} s")
+
+    return Monitor()
 
 
 def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]:

@@ -107,14 +107,6 @@ def test_outside_the_profile_says_how_to_rebuild(built, codec):
         trt_codec.decompress(data, steps=2)
 
 
-def test_close_frees_every_allocation(built, codec):
-    _, engines = built
-    trt_codec, backend = _codec(engines)
-    trt_codec.decompress(codec.compress(random_image(64, 64)), steps=3)
-    backend.close()
-    assert backend.cuda.memory == {}
-
-
 def test_switch_keeps_shared_networks_refits_the_unet_and_loads_the_rest(built, codec, tiny_model, tmp_path):
     """Another rate: the VAE and text encoder engines are kept (same keys), the UNet takes the new
     weights in place, the local features (another grid) load their own engine. (Encoder engines
@@ -212,3 +204,22 @@ def test_real_gpu_decode_matches_onnxruntime(built, codec):
     image = Codec.from_pretrained(backend="tensorrt", artifacts=engines).decompress(data, steps=4)
     diff = image.astype(np.float64) - reference
     assert 10 * np.log10(255 ** 2 / max(np.mean(diff ** 2), 1e-12)) > 40
+
+
+def test_info_reads_an_engines_folder(built, codec, tmp_path, capsys):
+    from perco.engine.cli import main
+
+    _, engines = built
+    stream = tmp_path / "x.perco"
+    stream.write_bytes(codec.compress(random_image(64, 64), caption="a red barn"))
+    assert main(["info", str(stream), "--artifacts", str(engines), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["caption"] == "a red barn" and info["token_grid"] == [4, 4]
+
+
+def test_codec_close_releases_device_memory(built, codec):
+    _, engines = built
+    trt_codec, backend = _codec(engines)
+    with trt_codec:
+        trt_codec.decompress(codec.compress(random_image(64, 64)), steps=2)
+    assert backend.cuda.memory == {}

@@ -350,7 +350,7 @@ def open_backend(model_dir=None, artifacts=None, progress: bool = False):
     """(ModelSpec, backend) from an engines folder (`perco build`), given as `artifacts`. With only
     `model_dir`, export it and build FP16 engines into the cache first (needs the export extra)."""
     from perco.engine.cuda import open_cuda
-    from perco.engine.model import ModelInfo, ModelSpec
+    from perco.engine.model import ModelInfo
 
     cuda = open_cuda()  # before any export or build: fail fast where there is no GPU
     if artifacts is None:
@@ -358,12 +358,19 @@ def open_backend(model_dir=None, artifacts=None, progress: bool = False):
             raise BackendError("the tensorrt backend needs --artifacts ENGINES (a folder from 'perco build') "
                                "or --model DIR")
         artifacts = _built(model_dir, progress)
-    manifest = read_engines(artifacts)
-    tokenizer = Path(artifacts) / manifest["tokenizer"] if manifest.get("tokenizer") else None
-    spec = ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer)
+    spec, manifest = spec_from_engines(artifacts)
     if model_dir is not None and ModelInfo(model_dir).fingerprint != spec.fingerprint:
         raise ModelError(f"engines in {artifacts} were built from another model than {model_dir}")
     return spec, TensorRTBackend(artifacts, manifest, cuda=cuda)
+
+
+def spec_from_engines(folder) -> tuple:
+    """(ModelSpec, engine manifest) of a `perco build` folder."""
+    from perco.engine.model import ModelSpec
+
+    manifest = read_engines(folder)
+    tokenizer = Path(folder) / manifest["tokenizer"] if manifest.get("tokenizer") else None
+    return ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer), manifest
 
 
 def _built(model_dir, progress: bool) -> Path:
