@@ -113,7 +113,10 @@ def profile_shapes(graph_entry: dict, overrides: dict) -> dict:
                     factor = factor_symbols[symbol]
                     for i, key in enumerate(("min", "opt", "max")):
                         value = overrides[which][i]
-                        ranges[key][axis] = value * factor if which == "batch" else value // factor
+                        if which != "batch":
+                            ranges[key][axis] = value // factor
+                        else:  # the denoiser's 2B runs down to B once guidance stops
+                            ranges[key][axis] = value * (1 if key == "min" else factor)
         shapes[name] = ranges
     return shapes
 

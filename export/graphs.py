@@ -112,7 +112,8 @@ def symbol_sizes(profile: Profile, token_stride: int, constants: dict) -> dict:
     """Each shape symbol -> (min, opt, max). `constants` gives D and M."""
     sizes = {
         "B": profile.batch,
-        "2B": tuple(2 * b for b in profile.batch),
+        # the denoiser: 2B with guidance (uncond, cond), down to B once guidance stops (cond only)
+        "2B": (profile.batch[0], 2 * profile.batch[1], 2 * profile.batch[2]),
         "H": profile.height,
         "W": profile.width,
         "h": tuple(v // LATENT_FACTOR for v in profile.height),

@@ -61,7 +61,8 @@ def test_manifest_contents(tiny_model, artifacts):
     assert manifest["opset"] == 18 and manifest["profile"] == PROFILE.to_dict()
     denoiser = manifest["graphs"]["denoiser"]
     assert denoiser["dynamic_axes"]["sample"] == {"0": "B2", "2": "h", "3": "w"}
-    assert denoiser["shapes"]["sample"] == {"min": [2, 4, 8, 8], "opt": [2, 4, 8, 16], "max": [8, 4, 64, 96]}
+    # batch from B (guidance stopped: cond only) to 2B (guided)
+    assert denoiser["shapes"]["sample"] == {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 16], "max": [8, 4, 64, 96]}
     assert manifest["graphs"]["hyper_encoder"]["shapes"]["indices"]["max"] == [4, 32, 48]  # 16 px per token
     for entry in manifest["graphs"].values():
         assert set(entry["nodes"]) == {"export", "cleanup", "fold_constants", "shape_inference"}

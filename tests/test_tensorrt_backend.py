@@ -223,3 +223,15 @@ def test_codec_close_releases_device_memory(built, codec):
     with trt_codec:
         trt_codec.decompress(codec.compress(random_image(64, 64)), steps=2)
     assert backend.cuda.memory == {}
+
+
+def test_guidance_stop_recaptures_at_the_new_batch_and_keeps_one_graph(built, codec):
+    _, engines = built
+    data = codec.compress(random_image(64, 64, seed=5))
+    trt_codec, backend = _codec(engines)
+    reference, _ = _codec(engines, cuda_graphs=False)
+    image = trt_codec.decompress(data, steps=6, guidance_stop=3)
+    assert np.array_equal(image, reference.decompress(data, steps=6, guidance_stop=3))
+    # 3 guided steps (2B): run, capture, replay; 3 cond-only steps (B): run, capture, replay
+    assert backend.cuda.graphs_made == 2 and backend.cuda.launches == 4
+    assert len(backend.engines["denoiser"].graphs) == 1

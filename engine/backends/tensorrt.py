@@ -93,8 +93,8 @@ class _Engine:
         self.dtypes = {n: _numpy_dtype(engine.get_tensor_dtype(n), entry["file"], n) for n in io}
         self.buffers: Dict[str, tuple] = {}  # name -> (pointer, capacity in bytes)
         self.uploaded: Dict[str, np.ndarray] = {}  # step-constant input -> the array now on the device
-        self.graphs: Dict[tuple, object] = {}  # (shapes, pointers) -> instantiated CUDA graph
-        self.seen: set = set()  # (shapes, pointers) run once: capturable from the next call on
+        self.graphs: Dict[tuple, object] = {}  # (shapes, pointers) of the last call -> instantiated CUDA graph
+        self.last_key: Optional[tuple] = None  # run once uncaptured: capturable from the next call on
         self.capturable = backend.cuda_graphs and name in _CAPTURED_GRAPHS
 
     def buffer(self, name: str, nbytes: int) -> int:
@@ -113,7 +113,7 @@ class _Engine:
         for graph_exec in self.graphs.values():
             self.backend.cuda.destroy_graph(graph_exec)
         self.graphs.clear()
-        self.seen.clear()
+        self.last_key = None
 
     def run(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         cuda, context = self.backend.cuda, self.context
@@ -145,12 +145,19 @@ class _Engine:
         return results
 
     def _execute(self, key: tuple) -> None:
+        """Replay the captured graph of `key`, or capture it, or run uncaptured.
+
+        Only the graph of the latest shapes is kept: a context's shape-dependent internal state is
+        rewritten by a run at other shapes, so an older graph could replay stale state.
+        """
         cuda = self.backend.cuda
+        if key != self.last_key:
+            self.drop_graphs()
         graph_exec = self.graphs.get(key)
         if graph_exec is not None:
             cuda.launch(graph_exec)
             return
-        if self.capturable and key in self.seen and self._stream_capturable():
+        if self.capturable and key == self.last_key and self._stream_capturable():
             cuda.begin_capture()
             ok, graph_exec = False, None
             try:
@@ -170,7 +177,7 @@ class _Engine:
         if not self.context.execute_async_v3(cuda.stream):
             errors = self.backend.logger.errors
             raise BackendError(f"{self.name}: execute_async_v3 failed: {errors[-1] if errors else 'no message'}")
-        self.seen.add(key)
+        self.last_key = key
 
     def _stream_capturable(self) -> bool:
         check = getattr(self.context, "is_stream_capturable", None)  # TensorRT-RTX: false while it still compiles
