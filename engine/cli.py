@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs", default="text_encoder,denoiser", metavar="G[,G]",
                    help="graphs to quantize, of text_encoder, vae_encoder, denoiser, vae_decoder (default: "
                         "%(default)s; the others stay float and build as FP16 engines)")
+    p.add_argument("--keep-float", default="", metavar="NAME[,NAME]",
+                   help="more layers to leave unquantized: fragments of their ONNX node names, e.g. "
+                        "/down_blocks.0/ (attention products and boundary layers always stay float)")
 
     p = sub.add_parser("bench", help="latency and throughput, backends side by side",
                        description="Per-stage latency, end-to-end decode and throughput of each backend on the "
@@ -377,7 +380,8 @@ def cmd_quantize(args) -> None:
     except ImportError as exc:
         raise PercoError(f"quantize needs {exc.name}: pip install 'perco-engine[export]'") from None
     report = quantize(args.artifacts, args.output, args.precision, args.calibration, args.count,
-                      log=lambda text: print(text, file=sys.stderr), graphs=tuple(args.graphs.split(",")))
+                      log=lambda text: print(text, file=sys.stderr), graphs=tuple(args.graphs.split(",")),
+                      keep_float=tuple(v for v in args.keep_float.split(",") if v))
     for name, r in report.items():
         print(f"{name:15s} {args.precision} vs fp32: max rel error {r['value']:.3e}, rms rel error {r['rms_rel_error']:.3e}")
 

@@ -38,14 +38,16 @@ BOUNDARY_LAYERS = ("/conv_in_extended/", "/unet/conv_out/", "/time_embedding/", 
                    "/encoder/conv_in/", "/quant_conv/", "/post_quant_conv/", "/decoder/conv_out/")
 
 
-def excluded_nodes(model) -> list:
+def excluded_nodes(model, keep_float: tuple = ()) -> list:
     """Names of the weighted layers left unquantized: the boundary layers above, and every product
     of two activations (attention's QK^T and its weighted sum: a softmax output or a key has no
-    single range int8 holds well; TensorRT runs these fused in FP16)."""
+    single range int8 holds well; TensorRT runs these fused in FP16); and layers whose names
+    contain one of `keep_float`."""
     graph = model.graph
     weights = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     excluded = {n.name for n in graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)}
-    excluded |= {n.name for n in graph.node if n.op_type in WEIGHTED_OPS and any(b in n.name for b in BOUNDARY_LAYERS)}
+    kept = BOUNDARY_LAYERS + tuple(keep_float)  # keep_float: the user's own name fragments
+    excluded |= {n.name for n in graph.node if n.op_type in WEIGHTED_OPS and any(b in n.name for b in kept)}
     return sorted(excluded)
 
 
@@ -113,11 +115,12 @@ class _Reader:
 
 
 def quantize(artifacts, out, precision: str = "int8", calibration=None, count: int = 4, log=print,
-             graphs=QUANTIZED_GRAPHS) -> dict:
+             graphs=QUANTIZED_GRAPHS, keep_float: tuple = ()) -> dict:
     """Write Q/DQ artifacts to `out`; return {graph: {"metric", "value"}} errors vs FP32 (held-out inputs).
 
     `graphs`: which of QUANTIZABLE_GRAPHS get Q/DQ; the others are copied as they are (FP32),
-    and `perco build` makes them FP16 engines.
+    and `perco build` makes them FP16 engines. `keep_float`: name fragments of more layers to leave
+    in float (for a layer a real checkpoint shows to be sensitive).
     """
     import logging
 
@@ -156,7 +159,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
                 shutil.copyfile(artifacts / f, out / f)
             continue
         target = f"{Path(entry['file']).stem}-{precision}.onnx"
-        excluded = excluded_nodes(onnx.load(str(artifacts / entry["file"]), load_external_data=False))
+        excluded = excluded_nodes(onnx.load(str(artifacts / entry["file"]), load_external_data=False), keep_float)
         log(f"quantizing {name} to {precision} (calibration: {len(calibration_feeds[name])} inputs; "
             f"{len(excluded)} layers kept in float)")
         quantize_static(str(artifacts / entry["file"]), str(out / target), _Reader(calibration_feeds[name]),

@@ -150,6 +150,8 @@ def test_boundary_layers_and_attention_products_stay_float(artifacts, int8_artif
     weights = {t.name for t in unet.graph.initializer}
     products = [n.name for n in unet.graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
     assert products and set(products) <= set(excluded)
+    block = {n.name for n in unet.graph.node if "/down_blocks.0/" in n.name and n.op_type in ("Conv", "MatMul", "Gemm")}
+    assert block and block - set(excluded) and block <= set(excluded_nodes(unet, keep_float=("/down_blocks.0/",)))
     vae = onnx.load(str(artifacts / manifest["graphs"]["vae_decoder"]["file"]))
     assert {b for b in BOUNDARY_LAYERS for n in excluded_nodes(vae) if b in n} == {"/post_quant_conv/",
                                                                                  "/decoder/conv_out/"}
