@@ -167,6 +167,11 @@ def run(config: BenchConfig, log=print) -> dict:
                 result["throughput"].append(row)
                 log(f"{name:12s} {width}x{height} steps {steps:2d} batch {batch:2d}: {row['images_per_s']:.2f} images/s")
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    for backend in gpu_backends:  # device memory in use with every engine loaded, and the shared activations
+        free, total = backend.cuda.memory_info()
+        result.setdefault("device_memory", {})[backend.name] = {
+            "used_gib": (total - free) / 2**30, "total_gib": total / 2**30,
+            "activation_gib": getattr(backend, "activation_bytes", 0) / 2**30}
     write(result, Path(config.out))
     return result
 
@@ -178,7 +183,9 @@ def write(result: dict, out: Path) -> None:
              f"{result['machine']['platform']} ({result['machine']['processor']}), {result['precision']}, "
              f"timer: {result['timer']}; median (min-max) of {result['repeats']} after {result['warmup']} warm-up; "
              f"fp32 GEMM peak measured {result['gemm_peak_tflops_fp32']:.3f} TFLOP/s; peak RSS "
-             f"{result['peak_rss_gib']:.2f} GiB", "",
+             f"{result['peak_rss_gib']:.2f} GiB" + "".join(
+                 f"; {name} device memory {m['used_gib']:.2f} of {m['total_gib']:.1f} GiB in use (activations "
+                 f"{m['activation_gib']:.2f} GiB, shared)" for name, m in result.get("device_memory", {}).items()), "",
              "| backend | size | steps | decode e2e (ms) | UNet step (ms) | VAE decode (ms) | text (ms) | TFLOP/s (UNet) |",
              "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in result["latency"]:
