@@ -3,6 +3,7 @@ over engines folders made by a real TensorRT-RTX build; and the real thing where
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +236,25 @@ def test_guidance_stop_recaptures_at_the_new_batch_and_keeps_one_graph(built, co
     # 3 guided steps (2B): run, capture, replay; 3 cond-only steps (B): run, capture, replay
     assert backend.cuda.graphs_made == 2 and backend.cuda.launches == 4
     assert len(backend.engines["denoiser"].graphs) == 1
+
+
+def test_bench_runs_the_tensorrt_backend_beside_onnxruntime(built, tiny_model, tmp_path, monkeypatch):
+    """`perco bench` with the TensorRT backend (on the stand-in): the harness's GPU path."""
+    from perco.benchmarks.harness import BenchConfig, run
+
+    artifacts, engines = built
+
+    def fake_open(model_dir=None, folder=None, progress=False):
+        spec, _ = trt_backend.spec_from_engines(folder)
+        return spec, _backend(Path(folder))[0]
+
+    monkeypatch.setattr(trt_backend, "open_backend", fake_open)
+    config = BenchConfig(model=str(tiny_model), backends=["onnxruntime", "tensorrt"], sizes=[(64, 64)], steps=[2],
+                         batches=[1, 2], throughput_steps=[1], repeats=1, warmup=1, out=str(tmp_path / "b"),
+                         artifacts=str(artifacts), engines=str(engines))
+    result = run(config, log=lambda text: None)
+    assert {r["backend"] for r in result["latency"]} == {"onnxruntime", "tensorrt"}
+    assert result["machine"]["gpu"] == "fake GPU" and "tensorrt: fp32" in result["precision"]
+    memory = result["device_memory"]["tensorrt"]
+    assert 0 < memory["activation_gib"] <= memory["used_gib"]
+    assert "device memory" in (tmp_path / "b.md").read_text()
