@@ -32,6 +32,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 # its config sets upcast_attention) and the reductions they are built from.
 FP32_OPS = ["Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "Pow",
             "Sqrt", "Div", "Exp", "Erf"]
+_MIN_CC = {"bf16": 80, "fp8": 89}  # BF16 tensor cores from Ampere, FP8 from Ada (SM89) and Hopper
 _BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
 
 
@@ -50,8 +51,13 @@ class Flavor:
     def strongly_typed(self) -> bool:
         return self.name == "tensorrt-rtx"  # RTX builds strongly typed networks only
 
-    def unsupported(self, precision: str) -> Optional[str]:
-        """Why this flavor cannot build `precision` from our graphs, or None."""
+    def unsupported(self, precision: str, target_cc: tuple = ()) -> Optional[str]:
+        """Why this flavor cannot build `precision` for these targets, or None."""
+        needs = _MIN_CC.get(precision)
+        lacking = [cc for cc in target_cc if needs and cc < needs]
+        if lacking:
+            return (f"{precision} needs compute capability {needs // 10}.{needs % 10} or newer; target "
+                    f"{', '.join(f'{cc // 10}.{cc % 10}' for cc in lacking)} lacks it")
         return None
 
     @property
@@ -274,7 +280,7 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
         cached = bool(key and existing.get("graphs", {}).get(name, {}).get("key") == key)
         try:
             check_quantization(manifest, precision, artifacts)
-            reason = flavor.unsupported(precision) if flavor else "flavor not installed"
+            reason = flavor.unsupported(precision, target_cc) if flavor else "flavor not installed"
         except PercoError as exc:
             reason = str(exc)
         rows.append({"graph": name, "precision": precision, "flavor": f"{flavor_label} {version}",
@@ -294,7 +300,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     artifacts, out = Path(artifacts), Path(out)
     manifest = read_manifest(artifacts)
     flavor = detect_flavor(flavor_name)
-    reason = flavor.unsupported(precision)
+    reason = flavor.unsupported(precision, target_cc)
     if reason:
         raise PercoError(f"{flavor.name} {flavor.version} cannot build {precision}: {reason}")
     check_quantization(manifest, precision, artifacts)

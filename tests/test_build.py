@@ -238,3 +238,12 @@ def test_bfloat16_rounding_matches_ml_dtypes():
     assert np.isnan(np.array([np.nan], np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)).all()
     nan_bits = trt_build.bfloat16_bits(np.array([np.nan], np.float32))
     assert np.isnan(nan_bits.astype(np.uint32).__lshift__(16).view(np.float32)).all()
+
+
+def test_precisions_a_target_lacks_are_refused_before_building(artifacts, tmp_path):
+    """Measured: TensorRT-RTX itself fails fp8 for sm86 deep in its compiler; we say why up front."""
+    with pytest.raises(PercoError, match=r"fp8 needs compute capability 8.9 or newer; target 8.6 lacks it"):
+        trt_build.build(artifacts, tmp_path, "fp8", "tensorrt-rtx", target_cc=(86, 89), log=lambda text: None)
+    with pytest.raises(PercoError, match=r"bf16 needs compute capability 8.0 .*target 7.5"):
+        trt_build.build(artifacts, tmp_path, "bf16", "tensorrt-rtx", target_cc=(75,), log=lambda text: None)
+    assert not any(tmp_path.iterdir())
