@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs", default="text_encoder,denoiser", metavar="G[,G]",
                    help="graphs to quantize, of text_encoder, vae_encoder, denoiser, vae_decoder (default: "
                         "%(default)s; the others stay float and build as FP16 engines)")
+    p.add_argument("--size", default=None, metavar="WxH",
+                   help="calibration image size in pixels (default: the export profile's opt size; smaller "
+                        "needs less memory)")
     p.add_argument("--keep-float", default="", metavar="NAME[,NAME]",
                    help="more layers to leave unquantized: fragments of their ONNX node names, e.g. "
                         "/down_blocks.0/ (attention products and boundary layers always stay float)")
@@ -210,6 +213,19 @@ def _range(text: str) -> tuple:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX, got {text!r}")
     return values
+
+
+def _size(text):
+    """'WxH' -> (W, H), or None."""
+    if text is None:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise PercoError(f"--size takes WxH in pixels, e.g. 256x256, got {text!r}") from None
+    if width <= 0 or height <= 0:
+        raise PercoError(f"--size must be positive, got {text!r}")
+    return width, height
 
 
 def _uint64(text: str) -> int:
@@ -381,7 +397,7 @@ def cmd_quantize(args) -> None:
         raise PercoError(f"quantize needs {exc.name}: pip install 'perco-engine[export]'") from None
     report = quantize(args.artifacts, args.output, args.precision, args.calibration, args.count,
                       log=lambda text: print(text, file=sys.stderr), graphs=tuple(args.graphs.split(",")),
-                      keep_float=tuple(v for v in args.keep_float.split(",") if v))
+                      keep_float=tuple(v for v in args.keep_float.split(",") if v), size=_size(args.size))
     for name, r in report.items():
         print(f"{name:15s} {args.precision} vs fp32: max rel error {r['value']:.3e}, rms rel error {r['rms_rel_error']:.3e}")
 

@@ -13,6 +13,7 @@ then validated against its FP32 graph on ONNX Runtime CPU on held-out inputs. Im
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -115,12 +116,14 @@ class _Reader:
 
 
 def quantize(artifacts, out, precision: str = "int8", calibration=None, count: int = 4, log=print,
-             graphs=QUANTIZED_GRAPHS, keep_float: tuple = ()) -> dict:
+             graphs=QUANTIZED_GRAPHS, keep_float: tuple = (), size: Optional[tuple] = None) -> dict:
     """Write Q/DQ artifacts to `out`; return {graph: {"metric", "value"}} errors vs FP32 (held-out inputs).
 
     `graphs`: which of QUANTIZABLE_GRAPHS get Q/DQ; the others are copied as they are (FP32),
     and `perco build` makes them FP16 engines. `keep_float`: name fragments of more layers to leave
-    in float (for a layer a real checkpoint shows to be sensitive).
+    in float (for a layer a real checkpoint shows to be sensitive). `size`: (width, height) of the
+    calibration and check images, default the profile's opt size; smaller needs less memory
+    (calibrating the full-size UNet at 512x512 needs more than 24 GiB).
     """
     import logging
 
@@ -141,8 +144,12 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     if manifest.get("quantization"):
         raise PercoError(f"{artifacts} is already quantized ({manifest['quantization']}); start from FP32 artifacts")
     opt = manifest["graphs"]["vae_encoder"]["shapes"]["image"]["opt"]  # [B, 3, H, W]
-    calibration_images = _images(calibration, count, opt[3], opt[2], seed=0)
-    held_out = _images(None, 2, opt[3], opt[2], seed=1)
+    width, height = size or (opt[3], opt[2])
+    pad = ModelSpec.from_dict(manifest["model"]).pad_multiple
+    if width % pad or height % pad:
+        raise PercoError(f"calibration size {width}x{height} must be a multiple of {pad} pixels")
+    calibration_images = _images(calibration, count, width, height, seed=0)
+    held_out = _images(None, 2, width, height, seed=1)
     calibration_feeds = pipeline_feeds(artifacts, manifest, calibration_images, seed=0)
     check_feeds = pipeline_feeds(artifacts, manifest, held_out, seed=1)
     qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
@@ -181,6 +188,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
                                      "attention products and boundary layers kept in float",
                            "graphs": list(report),
                            "calibration": str(calibration) if calibration else "built-in sample + seeded images",
+                           "calibration_size": [width, height],
                            "error_vs_fp32": report}
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(new, indent=1) + "\n")
