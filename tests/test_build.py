@@ -121,7 +121,7 @@ def int8_artifacts(tmp_path_factory, artifacts):
     from perco.export.quantize import quantize
 
     folder = tmp_path_factory.mktemp("qart")
-    quantize(artifacts, folder, "int8", count=2, log=lambda text: None)
+    quantize(artifacts, folder, "int8", count=2, log=lambda text: None, size=(96, 64))
     return folder
 
 
@@ -131,6 +131,7 @@ def test_quantize_writes_complete_validated_artifacts(int8_artifacts):
     manifest = read_manifest(int8_artifacts, verify=True)
     q = manifest["quantization"]
     assert q["precision"] == "int8" and set(q["error_vs_fp32"]) == {"text_encoder", "denoiser"}
+    assert q["calibration_size"] == [96, 64]
     for name, err in q["error_vs_fp32"].items():
         assert 0 < err["value"] and 0 < err["rms_rel_error"]  # measured, and not a copy of the FP32 graph
         model = onnx.load(str(int8_artifacts / manifest["graphs"][name]["file"]))
