@@ -1,6 +1,7 @@
 """Full-size TensorRT(-RTX) engine builds on this machine: time, peak memory, engine size.
 
     python benchmarks/trt_fullsize.py --artifacts DIR [--precisions fp32,fp16,bf16] [--out benchmarks/results/trt_fullsize]
+    python benchmarks/trt_fullsize.py --artifacts QART --precisions int8    # QART from perco quantize
 
 DIR holds the full-size export (see benchmarks/onnx_fullsize.py). Each (graph, precision) is
 built in its own child process so its peak RSS is its own. The FP16 row includes making the FP16
@@ -25,7 +26,8 @@ path = build.build(sys.argv[1], sys.argv[2], sys.argv[3], "auto", log=lambda t: 
 entry = json.loads(open(path).read())["graphs"][sys.argv[4]]
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": resource.getrusage(
     resource.RUSAGE_SELF).ru_maxrss / 2**20, "engine_bytes": entry["bytes"], "vs_fp32": entry.get("vs_fp32"),
-    "flavor": json.loads(open(path).read())["flavor"], "version": json.loads(open(path).read())["version"]}))
+    "flavor": json.loads(open(path).read())["flavor"], "version": json.loads(open(path).read())["version"],
+    "graph_precision": entry.get("precision")}))
 """
 
 
@@ -52,24 +54,34 @@ def main() -> None:
                 rows.append({"graph": graph, "precision": precision, **json.loads(proc.stdout.strip().splitlines()[-1])})
             print(json.dumps(rows[-1]), flush=True)
     manifest = json.loads((Path(args.artifacts) / "manifest.json").read_text())
-    order = {"fp32": 0, "fp16": 1, "bf16": 2}
+    order = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "fp8": 4}
     rows.sort(key=lambda r: order.get(r["precision"], 9))
     result = {"machine": platform.platform(), "profile": manifest["profile"], "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Full-size engine builds on the CPU machine ({platform.platform()})", "",
-             f"`python benchmarks/trt_fullsize.py --artifacts DIR`; PerCo (SD) 0.0313, SD 2.1 dimensions, random "
-             f"weights; profile {manifest['profile']}; each build in its own process.", "",
+    print(write_markdown(result, out))
+
+
+def write_markdown(result: dict, out: Path) -> str:
+    lines = [f"# Full-size engine builds on the CPU machine ({result['machine']})", "",
+             "`python benchmarks/trt_fullsize.py --artifacts DIR [--precisions ...]` (int8 rows: `--artifacts QART "
+             "--precisions int8`, QART from `perco quantize --artifacts DIR -o QART --count 2 --size 256x256 "
+             "--graphs denoiser`); PerCo (SD) 0.0313, SD 2.1 dimensions, random weights; profile "
+             f"{result['profile']}; each build in its own process. 'int8 build: fp16' = a graph left in float, "
+             "built as FP16.", "",
              "| graph | precision | flavor | build (s) | peak RSS (GiB) | engine (MB) | vs FP32 (ORT CPU) |",
              "|---|---|---|---:|---:|---:|---|"]
-    for r in rows:
+    for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['graph']} | {r['precision']} | - | failed: {r['error']} | | | |")
             continue
         vs = f"{r['vs_fp32']['metric']} {r['vs_fp32']['value']:.1e}" if r.get("vs_fp32") else "-"
-        lines.append(f"| {r['graph']} | {r['precision']} | {r['flavor']} {r['version']} | {r['seconds']:.0f} | "
+        made = r.get("graph_precision") or r["precision"]
+        label = r["precision"] if made == r["precision"] else f"{r['precision']} build: {made}"
+        lines.append(f"| {r['graph']} | {label} | {r['flavor']} {r['version']} | {r['seconds']:.0f} | "
                      f"{r['peak_rss_gib']:.1f} | {r['engine_bytes'] / 1e6:.0f} | {vs} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
