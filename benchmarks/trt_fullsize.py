@@ -23,11 +23,11 @@ from perco.export import build
 start = time.perf_counter()
 path = build.build(sys.argv[1], sys.argv[2], sys.argv[3], "auto", log=lambda t: print(t, file=sys.stderr),
                    graphs=[sys.argv[4]])
-entry = json.loads(open(path).read())["graphs"][sys.argv[4]]
+engines = json.loads(open(path).read())
+entry = engines["graphs"][sys.argv[4]]
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": resource.getrusage(
     resource.RUSAGE_SELF).ru_maxrss / 2**20, "engine_bytes": entry["bytes"], "vs_fp32": entry.get("vs_fp32"),
-    "flavor": json.loads(open(path).read())["flavor"], "version": json.loads(open(path).read())["version"],
-    "graph_precision": entry.get("precision")}))
+    "flavor": engines["flavor"], "version": engines["version"], "graph_precision": entry.get("precision")}))
 """
 
 

@@ -136,24 +136,25 @@ def check_quantization(manifest: dict, precision: str, artifacts) -> None:
                              f"-o QART --precision {precision}' and build from QART (implicit calibration is never used)")
 
 
-def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor, out: Path, log) -> Path:
-    """The ONNX graph to build: the export (FP32, or Q/DQ for int8/fp8), or an FP16/BF16 graph made from it.
+def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor, out: Path, log) -> tuple:
+    """(ONNX graph to build, the precision its engine gets): the export (FP32, or Q/DQ for int8/fp8),
+    or an FP16/BF16 graph made from it. Graphs `perco quantize` left in float build as FP16.
 
     FP16 and BF16 graphs are strongly typed: every tensor has its type in the graph, with the ops of
     FP32_OPS (and their inputs and outputs) kept in FP32. BF16 is the FP16 graph with FLOAT16
     retyped to BFLOAT16 and its weights rounded from the FP32 export, not from FP16.
     """
     source = artifacts / entry["file"]
-    if precision in ("int8", "fp8") and not entry.get("quantized") and entry["file"].endswith(".onnx"):
-        precision = "fp16"  # a graph perco quantize left in float: FP16, as in the precision's engines
-    if precision in ("fp32", "int8", "fp8") or not flavor.strongly_typed:
-        return source
-    if precision not in ("fp16", "bf16"):
-        raise PercoError(flavor.unsupported(precision) or f"{precision} is not supported")
+    if entry.get("quantized"):
+        return source, entry["quantized"]
+    if precision in ("int8", "fp8"):
+        precision = "fp16"  # a graph perco quantize left in float
+    if precision == "fp32" or not flavor.strongly_typed:  # full TensorRT: precision by builder flags
+        return source, precision
     digest = entry["sha256"][entry["file"]]
     target = out / f"{Path(entry['file']).stem}-{precision}-{digest[:12]}.onnx"
     if target.is_file():
-        return target
+        return target, precision
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -179,7 +180,7 @@ def precision_graph(artifacts: Path, entry: dict, precision: str, flavor: Flavor
             from None
     os.replace(tmp, target)
     log(f"    wrote {target.name} (kept in fp32: {', '.join(FP32_OPS)})")
-    return target
+    return target, precision
 
 
 def bfloat16_bits(values):
@@ -327,7 +328,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
             continue
         log(f"[{i}/{len(selected)}] {name}: building {precision} with {flavor.name} {flavor.version}")
         start = time.perf_counter()
-        source = precision_graph(artifacts, entry, precision, flavor, out, log)
+        source, made = precision_graph(artifacts, entry, precision, flavor, out, log)
         network = builder.create_network(flavor.network_flags())
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(source)):
@@ -358,14 +359,13 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
         entries[name] = {"file": engine_file, "key": key, "sha256": file_sha256(out / engine_file),
                          "bytes": (out / engine_file).stat().st_size, "onnx": source.name,
                          "onnx_path": str(source.resolve()), "shapes": shapes, "refittable": refittable,
-                         "build_seconds": round(time.perf_counter() - start, 3)}
-        entries[name]["precision"] = _graph_precision(entry, precision, source)
+                         "precision": made, "build_seconds": round(time.perf_counter() - start, 3)}
         if entry.get("quantized"):  # a Q/DQ graph: its error was measured by perco quantize
             entries[name]["vs_fp32"] = manifest["quantization"]["error_vs_fp32"][name]
         elif source.name != entry["file"]:  # a precision graph: its error against FP32 on ONNX Runtime CPU
-            metric, value = graph_error(artifacts / entry["file"], source, entry, shapes, manifest["model"])
-            entries[name]["vs_fp32"] = {"metric": metric, "value": value}
-            log(f"    {source.name} vs fp32 on ONNX Runtime CPU: {metric} {value:.2e}")
+            error = graph_error(artifacts / entry["file"], source, entry, shapes, manifest["model"])
+            entries[name]["vs_fp32"] = error
+            log(f"    {source.name} vs fp32 on ONNX Runtime CPU: {error['metric']} {error['value']:.2e}")
         del blob, network, parser, config
     if timing_cache is not None:
         _atomic_bytes(cache_path, memoryview(timing_cache.serialize()))
@@ -381,12 +381,10 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     return out / ENGINES_MANIFEST
 
 
-def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, model: dict, seed: int = 0) -> tuple:
-    """("max_rel_error", max |candidate - reference| / max |reference|), or ("mismatch_fraction", ...)
-    for integer outputs, on seeded inputs at the profile's opt shapes; token ids and indices are
-    drawn within the model's vocabulary and codebook (`model`: the manifest's model entry)."""
+def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, model: dict, seed: int = 0) -> dict:
+    """`compare_graphs` on seeded inputs at the profile's opt shapes; token ids and indices are drawn
+    within the model's vocabulary and codebook (`model`: the manifest's model entry)."""
     import numpy as np
-    import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
     feed = {}
@@ -400,13 +398,34 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, mod
             feed[inp["name"]] = np.full(shape, 500, np.float32)
         else:
             feed[inp["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return compare_graphs(reference, candidate, [feed])
+
+
+def compare_graphs(reference: Path, candidate: Path, feeds: list, optimize: bool = True) -> dict:
+    """A candidate graph (FP16, BF16, Q/DQ) against its FP32 reference on ONNX Runtime CPU, over `feeds`:
+    {"metric": "max_rel_error", "value": max |c - r| / max |r|, "rms_rel_error": ...}, worst feed;
+    {"metric": "mismatch_fraction", "value": ...} for integer outputs. BF16 graphs run through
+    `_bf16_emulation`; `optimize=False` runs the candidate's Q and DQ as written (ONNX Runtime's
+    CPU provider has no float8 kernels to fuse them into)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     with tempfile.TemporaryDirectory() as tmp:
         runnable = _bf16_emulation(candidate, Path(tmp)) if _has_bf16(candidate) else candidate
-        outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-                for p in (reference, runnable)]
-    if outs[0].dtype == np.int64:
-        return "mismatch_fraction", float((outs[0] != outs[1]).mean())
-    return "max_rel_error", float(np.abs(outs[1].astype(np.float64) - outs[0]).max() / max(np.abs(outs[0]).max(), 1e-12))
+        a = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+        b = ort.InferenceSession(str(runnable), options, providers=["CPUExecutionProvider"])
+        pairs = [(a.run(None, feed)[0], b.run(None, feed)[0]) for feed in feeds]
+    if pairs[0][0].dtype == np.int64:
+        return {"metric": "mismatch_fraction", "value": max(float((x != y).mean()) for x, y in pairs)}
+    worst = rms = 0.0
+    for x, y in pairs:
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        worst = max(worst, float(np.abs(y - x).max() / max(np.abs(x).max(), 1e-12)))
+        rms = max(rms, float(np.sqrt(((y - x) ** 2).mean() / max((x**2).mean(), 1e-24))))
+    return {"metric": "max_rel_error", "value": worst, "rms_rel_error": rms}
 
 
 def _progress_monitor(trt, log):
@@ -445,16 +464,6 @@ def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]
     shutil.copytree(artifacts / name, tmp, dirs_exist_ok=True)
     os.replace(tmp, out / name)
     return name
-
-
-def _graph_precision(entry: dict, precision: str, source: Path) -> str:
-    """The precision one engine really has: int8/fp8 builds make float graphs FP16."""
-    if entry.get("quantized"):
-        return entry["quantized"]
-    for made in ("fp16", "bf16"):
-        if f"-{made}-" in source.name:
-            return made
-    return "fp16" if precision in ("int8", "fp8") else precision
 
 
 def _has_bf16(path: Path) -> bool:

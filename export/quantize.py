@@ -21,6 +21,7 @@ from perco.engine.errors import PercoError
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, file_sha256, read_manifest
 from perco.engine.model import ModelSpec
+from perco.export.build import compare_graphs
 
 # The denoiser runs at every step and holds nearly all of the decode's FLOPs; the text encoder runs
 # once per image. The VAE runs once, and its decoder is the most range-sensitive network (measured:
@@ -180,7 +181,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
                                    sha256={f: file_sha256(out / f) for f in files},
                                    bytes=sum((out / f).stat().st_size for f in files), quantized=precision,
                                    float_layers=len(excluded))
-        report[name] = _error(artifacts / entry["file"], out / target, check_feeds[name])
+        report[name] = compare_graphs(artifacts / entry["file"], out / target, check_feeds[name], optimize=False)
         log(f"    {name}: {report[name]['metric']} {report[name]['value']:.3e} vs fp32 (held-out inputs, ORT CPU)")
     shutil.copytree(artifacts / manifest["tokenizer"], out / manifest["tokenizer"], dirs_exist_ok=True)
     new["quantization"] = {"precision": precision,
@@ -204,19 +205,3 @@ def _external_files(path: Path) -> list:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return sorted({ExternalDataInfo(t).location for t in graph.initializer if uses_external_data(t)})
-
-
-def _error(reference: Path, candidate: Path, feeds: list) -> dict:
-    import onnxruntime as ort
-
-    a = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
-    options = ort.SessionOptions()  # run Q and DQ as written: no fusion into integer-only kernels,
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # which lack float8 on CPU
-    b = ort.InferenceSession(str(candidate), options, providers=["CPUExecutionProvider"])
-    worst = rms = 0.0
-    for feed in feeds:
-        x, y = a.run(None, feed)[0].astype(np.float64), b.run(None, feed)[0].astype(np.float64)
-        scale = max(np.abs(x).max(), 1e-12)
-        worst = max(worst, float(np.abs(y - x).max() / scale))
-        rms = max(rms, float(np.sqrt(((y - x) ** 2).mean() / max((x**2).mean(), 1e-24))))
-    return {"metric": "max_rel_error", "value": worst, "rms_rel_error": rms}

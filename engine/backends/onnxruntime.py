@@ -86,14 +86,15 @@ def open_backend(model_dir=None, artifacts=None, progress: bool = False):
     if artifacts is None:
         if model_dir is None:
             raise BackendError("the onnxruntime backend needs --artifacts DIR (from 'perco export') or --model DIR")
-        artifacts = _exported(model_dir, progress)
+        artifacts = export_into_cache(model_dir, progress)
     spec, manifest = spec_from_artifacts(artifacts)
     if model_dir is not None and ModelInfo(model_dir).fingerprint != spec.fingerprint:
         raise ModelError(f"artifacts in {artifacts} were exported from another model than {model_dir}")
     return spec, OnnxRuntimeBackend(artifacts, manifest)
 
 
-def _exported(model_dir, progress: bool) -> Path:
+def export_into_cache(model_dir, progress: bool) -> Path:
+    """The artifacts of `model_dir` in the cache, exported there first if needed (needs torch)."""
     from perco.engine.demo import cache_dir
 
     try:

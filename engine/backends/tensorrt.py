@@ -339,8 +339,8 @@ class TensorRTBackend:
 
 def _weights_source(folder: Path, entry: dict) -> Optional[Path]:
     """The ONNX graph an engine was built from (its weights), if it is still where the build left it."""
-    for candidate in (folder / entry.get("onnx", ""), Path(entry.get("onnx_path", ""))):
-        if entry.get("onnx") and candidate.is_file():
+    for candidate in (folder / entry["onnx"], Path(entry["onnx_path"])):
+        if candidate.is_file():
             return candidate
     return None
 
@@ -381,11 +381,11 @@ def spec_from_engines(folder) -> tuple:
 
 
 def _built(model_dir, progress: bool) -> Path:
-    from perco.engine.backends.onnxruntime import _exported
+    from perco.engine.backends.onnxruntime import export_into_cache
     from perco.engine.demo import cache_dir
     from perco.engine.model import ModelInfo
 
-    artifacts = _exported(model_dir, progress)
+    artifacts = export_into_cache(model_dir, progress)
     from perco.export.build import build  # importable wherever the export above was
 
     folder = cache_dir() / "engines" / f"{ModelInfo(model_dir).fingerprint.hex()}-fp16"
