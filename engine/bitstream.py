@@ -39,6 +39,9 @@ CRC_BYTES = 4
 FLAG_SIZE, FLAG_SEED, FLAG_HINTS = 1, 2, 4
 HINT_STEPS, HINT_GUIDANCE_CENTI = 1, 2  # hint keys; unknown keys are skipped by readers
 _MAX_VARINT_BYTES = 10
+MAX_HINTS = 16  # hint entries a reader accepts (two keys are defined; the rest is room for new ones)
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0  # classifier-free guidance scales beyond this only saturate the image
 
 
 @dataclass(frozen=True)
@@ -220,14 +223,19 @@ def parse(data: bytes) -> tuple:
     seed = reader.varint("seed") if flags & FLAG_SEED else 0
     steps = guidance = None
     if flags & FLAG_HINTS:
-        for _ in range(reader.varint("hint count")):
+        count = reader.varint("hint count")
+        if count > MAX_HINTS:
+            raise BitstreamError(f"corrupt bitstream: {count} decoder hints, at most {MAX_HINTS} are allowed")
+        for _ in range(count):
             key, value = reader.byte("hint key"), reader.varint("hint value")
             if key == HINT_STEPS:
                 steps = value
             elif key == HINT_GUIDANCE_CENTI:
                 guidance = value / 100.0
-    if steps is not None and not 1 <= steps <= 1000:
-        raise BitstreamError(f"corrupt bitstream: hinted step count {steps} outside 1..1000")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise BitstreamError(f"corrupt bitstream: hinted step count {steps} outside 1..{MAX_STEPS}")
+    if guidance is not None and not guidance <= MAX_GUIDANCE:
+        raise BitstreamError(f"corrupt bitstream: hinted guidance {guidance} outside 0..{MAX_GUIDANCE:g}")
     caption_size = reader.varint("caption length")
     header_len = reader.pos
     caption = reader.stream(caption_size, "caption")

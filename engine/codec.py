@@ -18,7 +18,7 @@ import numpy as np
 from perco.engine import bitstream
 from perco.engine.backends import open_backend
 from perco.engine.bitstream import Header, Hints
-from perco.engine.errors import PercoError
+from perco.engine.errors import DecodeLimitError, PercoError
 from perco.engine.imageio import as_rgb_array, from_model_output, pad_to_multiple, to_model_input
 from perco.engine.model import GUIDANCE, LATENT_FACTOR, ModelSpec
 from perco.engine.noise import gaussian_noise
@@ -53,6 +53,7 @@ class Codec:
         self.timings = StageTimings()
         self._tokenizer: Optional[CaptionTokenizer] = None
         self._uncond_embedding: Optional[np.ndarray] = None
+        self.max_pixels: Optional[int] = None  # decode size limit; None: the backend's default
 
     @classmethod
     def from_pretrained(cls, folder=None, backend: str = "torch", artifacts=None, progress: bool = False) -> "Codec":
@@ -82,6 +83,10 @@ class Codec:
         """Image (path, PIL image or uint8 [H, W, 3]) + caption -> bitstream bytes."""
         if not 0 <= seed < 1 << 64:
             raise PercoError(f"seed must be in 0..2^64-1, got {seed}")
+        if hints.guidance is not None:
+            check_guidance(hints.guidance)
+        if hints.steps is not None and not 1 <= hints.steps <= bitstream.MAX_STEPS:
+            raise PercoError(f"the steps hint must be in 1..{bitstream.MAX_STEPS}, got {hints.steps}")
         self.timings = t = StageTimings()
         with t.stage("prepare"):
             rgb = as_rgb_array(image)
@@ -152,10 +157,12 @@ class Codec:
         sizes = {(h.width, h.height) for h in headers}
         if len(sizes) > 1:
             raise PercoError(f"a batch must hold images of one size, got {sorted(sizes)}")
+        self.check_decode_size(headers[0].width, headers[0].height, len(datas))
         hints = headers[0].hints
         steps = steps or hints.steps or self.model.default_steps
         if guidance is None:
             guidance = hints.guidance if hints.guidance is not None else GUIDANCE
+        check_guidance(guidance)
         try:
             schedule = make_sampler(sampler, self.model.schedule, steps)
         except ValueError as exc:
@@ -195,6 +202,11 @@ class Codec:
                           for i in range(batch)]
         return out_images
 
+    def check_decode_size(self, width: int, height: int, batch: int = 1) -> None:
+        """DecodeLimitError if decoding `batch` images of this size exceeds the limit, before any network runs."""
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise DecodeLimitError(f"image {width}x{height} exceeds the decode limit of {self.max_pixels} pixels")
+
     def _encode_text(self, captions: list) -> np.ndarray:
         ids = np.stack([self.model.tokens.input_ids(c) for c in captions])  # [B, 77]
         return self._run("text_encoder", input_ids=ids)["text_embeddings"]
@@ -206,6 +218,15 @@ class Codec:
 
     def _run(self, graph: str, **inputs) -> dict:
         return self.backend.run(graph, inputs)
+
+
+def check_guidance(guidance: float) -> float:
+    """A finite guidance scale in 0..MAX_GUIDANCE (1 = conditional only, 0 = unconditional only)."""
+    import math
+
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0 <= guidance <= bitstream.MAX_GUIDANCE:
+        raise PercoError(f"guidance must be a finite number in 0..{bitstream.MAX_GUIDANCE:g}, got {guidance}")
+    return float(guidance)
 
 
 def _progress(items, enabled: bool):

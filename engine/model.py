@@ -65,6 +65,59 @@ def safetensors_header(path: Path) -> bytes:
     return header
 
 
+# Config fields the runtime and the model builders read, with their kinds and sane ranges; checked
+# field by field before anything is built, so a wrong type or an absurd size is a ModelError naming
+# the field instead of a failure (or a terabyte allocation) inside torch. (kind, low, high, default)
+_CH = ("int", 1, 8192, None)
+_CHANNEL_LIST = ("ints", 1, 8192, None)
+CONFIG_FIELDS = {
+    "hyper_enc": {"in_channels": ("int", 1, 64, None), "N": _CH, "M": _CH, "codebook_dim": _CH,
+                  "cfg_ss": ("int", 1, 1024, None), "cfg_cs": ("int", 2, 65536, None)},
+    "vae": {"block_out_channels": _CHANNEL_LIST, "latent_channels": ("int", 1, 64, 4),
+            "layers_per_block": ("int", 1, 16, 1), "norm_num_groups": ("int", 1, 1024, 32),
+            "scaling_factor": ("float", 1e-6, 1e6, 0.18215)},
+    "unet": {"block_out_channels": _CHANNEL_LIST, "layers_per_block": ("int", 1, 16, 2),
+             "attention_head_dim": ("int_or_ints", 1, 1024, 8), "cross_attention_dim": ("int", 1, 8192, 1280),
+             "norm_num_groups": ("int", 1, 1024, 32), "in_channels": ("int", 1, 64, 4)},
+    "text_encoder": {"hidden_size": _CH, "intermediate_size": ("int", 1, 65536, None),
+                     "num_hidden_layers": ("int", 1, 128, None), "num_attention_heads": ("int", 1, 256, None),
+                     "max_position_embeddings": ("int", 1, 4096, 77), "vocab_size": ("int", 2, 1 << 20, None)},
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_fields(config: dict, fields: dict, path) -> None:
+    """Validate `config` against `fields` (see CONFIG_FIELDS); an absent field takes its default, and it is
+    not written back (the fingerprint hashes the config as stored)."""
+    for key, (kind, low, high, default) in fields.items():
+        if key not in config and default is None:
+            raise ModelError(f"{path}: required field {key!r} is missing")
+        value = config.get(key, default)
+        where = f"{path}: field {key!r}"
+        if kind == "float":
+            import math
+
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ModelError(f"{where} must be a finite number, got {value!r}")
+            values = [value]
+        elif kind == "int":
+            if not _is_int(value):
+                raise ModelError(f"{where} must be an integer, got {value!r}")
+            values = [value]
+        else:  # "ints" or "int_or_ints"
+            if kind == "int_or_ints" and _is_int(value):
+                values = [value]
+            elif not isinstance(value, list) or not 1 <= len(value) <= 8 or not all(_is_int(v) for v in value):
+                raise ModelError(f"{where} must be a list of 1 to 8 integers, got {value!r}")
+            else:
+                values = value
+        if not all(low <= v <= high for v in values):
+            raise ModelError(f"{where} = {value!r} is outside {low:g}..{high:g}")
+
+
 @dataclass(frozen=True)
 class RateGeometry:
     grid: int  # token grid side at 512 x 512
@@ -164,15 +217,13 @@ class ModelInfo:
         for name in TOKENIZER_FILES:
             if not (self.folder / "tokenizer" / name).is_file():
                 raise ModelError(f"model folder is incomplete: {self.folder / 'tokenizer' / name} is missing")
+        for name, fields in CONFIG_FIELDS.items():
+            check_fields(self.configs[name], fields, self.folder / name / COMPONENTS[name][0])
         hyper = self.configs["hyper_enc"]
-        try:
-            self.rate = RateGeometry(int(hyper["cfg_ss"]), int(hyper["cfg_cs"]))
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{self.folder / 'hyper_enc/config.json'} lacks integer cfg_ss / cfg_cs") from None
-        if self.rate.grid not in (8, 16, 32, 64) or not 2 <= self.rate.codebook_size <= 65536:
-            raise ModelError(
-                f"unsupported rate geometry: token grid {self.rate.grid}, codebook {self.rate.codebook_size}"
-            )
+        self.rate = RateGeometry(hyper["cfg_ss"], hyper["cfg_cs"])
+        if self.rate.grid not in (8, 16, 32, 64):
+            raise ModelError(f"{self.folder / 'hyper_enc/config.json'}: cfg_ss (token grid) must be 8, 16, 32 or 64, "
+                             f"got {self.rate.grid}")
         NoiseSchedule.from_config(self.scheduler_config)  # refuse unsupported schedulers early
         self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
         self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
@@ -180,7 +231,7 @@ class ModelInfo:
     @property
     def pad_multiple(self) -> int:
         """Images are padded to a multiple of this: the token stride and the UNet's downsampling."""
-        unet_down = 2 ** (len(self.configs["unet"].get("block_out_channels", [0] * 4)) - 1)
+        unet_down = 2 ** (len(self.configs["unet"]["block_out_channels"]) - 1)
         return math.lcm(self.rate.token_stride, LATENT_FACTOR * unet_down)
 
     @cached_property

@@ -73,6 +73,8 @@ class DDIM:
         self.schedule = schedule
         self.steps = steps
         self.timesteps = _timesteps(schedule, steps)
+        if int(self.timesteps.max()) >= schedule.num_train_timesteps:  # "leading" + steps_offset can reach n
+            raise ValueError(f"steps must be in 1..{max_steps(schedule)} for this schedule, got {steps}")
         self._stride = schedule.num_train_timesteps // steps
 
     def _alpha(self, t: int) -> float:
@@ -114,6 +116,8 @@ class DPMSolverPP2M:
             ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
         else:  # trailing
             ts = np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
+        if int(ts.max()) >= n:
+            raise ValueError(f"steps must be in 1..{max_steps(schedule, DPMSolverPP2M)} for this schedule, got {steps}")
         self.schedule, self.steps, self.timesteps = schedule, steps, ts
         all_sigmas = np.sqrt((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod)
         sigmas = np.interp(ts, np.arange(n), all_sigmas)
@@ -162,6 +166,20 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int):
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     return SAMPLERS[name](schedule, steps)
+
+
+def max_steps(schedule: NoiseSchedule, sampler=None) -> int:
+    """The largest step count whose timesteps all lie inside the schedule (999 for SD 2.1's DDIM)."""
+    n = schedule.num_train_timesteps
+    for steps in range(n, 0, -1):
+        if sampler is DPMSolverPP2M:
+            spacing = schedule.explicit_spacing or "linspace"
+            top = (steps * (n // (steps + 1)) + schedule.steps_offset) if spacing == "leading" else n - 1
+        else:
+            top = int(_timesteps(schedule, steps).max())
+        if top < n:
+            return steps
+    return 1
 
 
 def _timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:

@@ -183,7 +183,12 @@ def test_quantized_artifacts_decode_on_onnxruntime(codec, int8_artifacts):
     image = Codec.from_pretrained(backend="onnxruntime", artifacts=int8_artifacts).decompress(data, steps=3)
     reference = codec.decompress(data, steps=3)
     mse = np.mean((image.astype(np.float64) - reference) ** 2)
-    assert image.shape == (64, 64, 3) and 0 < mse < 255**2 / 10**3  # > 30 dB (measured 38 dB at 128x64)
+    psnr = 10 * np.log10(255**2 / mse)
+    # INT8 is lossy, so the bound is a floor, not a match. At 64x64, 3 steps, this tiny random model
+    # measured 29.98 dB on onnxruntime 1.32.0 and 1.31.1, 30.02 dB on 1.22.1; a broken
+    # recipe measures far lower (every graph quantized, boundary layers included: 15.8 dB). 24 dB keeps
+    # about 6 dB of margin for kernel changes across onnxruntime versions and still catches that.
+    assert image.shape == (64, 64, 3) and 24.0 < psnr < 100.0
 
 
 def test_fp16_build_with_a_small_vocabulary(tmp_path, builtin_tokenizer_model):
