@@ -275,13 +275,13 @@ def _check_output(path) -> None:
 
 def cmd_compress(args) -> None:
     from perco.engine.bitstream import Hints
-    from perco.engine.imageio import atomic_write, load_image
+    from perco.engine.imageio import load_image, write_output
 
     _check_output(args.output)
     image = load_image(args.image)  # fail on a bad image before loading any model
     with _codec(args) as codec:
         data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint))
-    atomic_write(args.output, data)
+    write_output(args.output, data)
     h, w = image.shape[:2]
     print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
     _say(args, "stage timings (compress):\n" + codec.timings.table())

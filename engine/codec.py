@@ -9,6 +9,7 @@ and are shared by every backend; a backend only runs the networks of `GRAPHS`.
 >>> image = codec.decompress(data)                        # doctest: +SKIP
 """
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Optional
@@ -222,8 +223,6 @@ class Codec:
 
 def check_guidance(guidance: float) -> float:
     """A finite guidance scale in 0..MAX_GUIDANCE (1 = conditional only, 0 = unconditional only)."""
-    import math
-
     if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0 <= guidance <= bitstream.MAX_GUIDANCE:
         raise PercoError(f"guidance must be a finite number in 0..{bitstream.MAX_GUIDANCE:g}, got {guidance}")
     return float(guidance)

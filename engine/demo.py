@@ -79,7 +79,7 @@ def sample_image(width: int = 768, height: int = 512) -> np.ndarray:
 
 
 def run_demo(args, codec) -> None:
-    from perco.engine.imageio import atomic_write, load_image, save_png
+    from perco.engine.imageio import load_image, save_png, write_output
 
     out = Path(args.out)
     try:
@@ -94,7 +94,7 @@ def run_demo(args, codec) -> None:
 
     data = codec.compress(image, caption=DEMO_CAPTION if not args.image else "")
     compress_timings = codec.timings
-    atomic_write(out / "image.perco", data)
+    write_output(out / "image.perco", data)
     decoded = codec.decompress(data, steps=args.steps, progress=not args.quiet)
     save_png(out / "original.png", image)
     save_png(out / "decoded.png", decoded)

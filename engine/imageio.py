@@ -25,7 +25,6 @@ __all__ = [
     "output_format",
     "check_output",
     "write_output",
-    "atomic_write",
     "save_image",
     "save_png",
 ]
@@ -225,7 +224,7 @@ def _wide_png(img, source):
 def _pil_to_float(img):
     """Any PIL image -> (rgb float [H, W, 3] on the 0..255 scale, alpha float [H, W] in 0..1 or None)."""
     mode = img.mode
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S") or mode.startswith("I;"):
+    if mode == "I" or mode.startswith("I;"):
         values = np.asarray(img.convert("I"), dtype=np.float64)
         key = img.info.get("transparency")
         alpha = None
@@ -279,7 +278,7 @@ def as_rgb_array(image) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "mode"):  # PIL image
         return _composite(*_pil_to_float(image))
     array = np.asarray(image)
-    if array.dtype == np.uint16 or (array.dtype.kind == "u" and array.dtype.itemsize == 2):
+    if array.dtype == np.uint16:
         array = np.rint(array.astype(np.float64) / 257.0).astype(np.uint8)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
@@ -422,11 +421,6 @@ def write_output(path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Alias of write_output (kept for existing callers)."""
-    write_output(path, data)
 
 
 def save_image(path, image, format=None) -> None:

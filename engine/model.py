@@ -98,8 +98,6 @@ def check_fields(config: dict, fields: dict, path) -> None:
         value = config.get(key, default)
         where = f"{path}: field {key!r}"
         if kind == "float":
-            import math
-
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ModelError(f"{where} must be a finite number, got {value!r}")
             values = [value]

@@ -108,16 +108,9 @@ class DPMSolverPP2M:
         n = schedule.num_train_timesteps
         if not 1 <= steps <= n:
             raise ValueError(f"steps must be in 1..{n}, got {steps}")
-        spacing = schedule.explicit_spacing or "linspace"
-        if spacing == "linspace":
-            ts = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
-        elif spacing == "leading":
-            ratio = n // (steps + 1)
-            ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
-        else:  # trailing
-            ts = np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
+        ts = _dpm_timesteps(schedule, steps)
         if int(ts.max()) >= n:
-            raise ValueError(f"steps must be in 1..{max_steps(schedule, DPMSolverPP2M)} for this schedule, got {steps}")
+            raise ValueError(f"steps must be in 1..{max_steps(schedule, _dpm_timesteps)} for this schedule, got {steps}")
         self.schedule, self.steps, self.timesteps = schedule, steps, ts
         all_sigmas = np.sqrt((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod)
         sigmas = np.interp(ts, np.arange(n), all_sigmas)
@@ -168,18 +161,24 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int):
     return SAMPLERS[name](schedule, steps)
 
 
-def max_steps(schedule: NoiseSchedule, sampler=None) -> int:
-    """The largest step count whose timesteps all lie inside the schedule (999 for SD 2.1's DDIM)."""
+def max_steps(schedule: NoiseSchedule, timesteps=None) -> int:
+    """The largest step count whose timesteps (DDIM's unless given) all lie inside the schedule (999 for
+    SD 2.1's DDIM: "leading" spacing plus steps_offset=1 reaches t=1000 at 1000 steps)."""
+    timesteps = timesteps or _timesteps
     n = schedule.num_train_timesteps
-    for steps in range(n, 0, -1):
-        if sampler is DPMSolverPP2M:
-            spacing = schedule.explicit_spacing or "linspace"
-            top = (steps * (n // (steps + 1)) + schedule.steps_offset) if spacing == "leading" else n - 1
-        else:
-            top = int(_timesteps(schedule, steps).max())
-        if top < n:
-            return steps
-    return 1
+    return next((steps for steps in range(n, 0, -1) if int(timesteps(schedule, steps).max()) < n), 1)
+
+
+def _dpm_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
+    """DPM-Solver++ timesteps: "linspace" spacing (diffusers' default for it) unless the config names one."""
+    n = schedule.num_train_timesteps
+    spacing = schedule.explicit_spacing or "linspace"
+    if spacing == "linspace":
+        return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = n // (steps + 1)
+        return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
+    return np.arange(n, 0, -n / steps).round().astype(np.int64) - 1  # trailing
 
 
 def _timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:

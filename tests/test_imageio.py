@@ -458,7 +458,7 @@ def test_failed_fsync_leaves_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(OutputError, match="Input/output error"):
-        imageio.atomic_write(path, b"data")
+        imageio.write_output(path, b"data")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -486,8 +486,3 @@ def test_unwritable_folder(tmp_path):
             imageio.write_output(folder / "out.png", b"x")
     finally:
         os.chmod(folder, 0o700)
-
-
-def test_atomic_write_alias(tmp_path):
-    imageio.atomic_write(tmp_path / "a.bin", b"abc")
-    assert (tmp_path / "a.bin").read_bytes() == b"abc"
