@@ -1,7 +1,8 @@
 """`perco`: compress, decompress, inspect; create tiny models; run the demo.
 
-Every user error ends in one `error: ...` line on stderr and exit code 1 (2 for bad flags);
-outputs are written atomically, so a failed run never leaves a partial file.
+Every user error ends in one `error: ...` line on stderr. Exit codes: 0 success, 1 an error,
+2 a bad flag or flag value, 130 interrupted. Outputs are written atomically (a failed run
+leaves no partial file and destroys nothing); "-" is standard input or output.
 """
 
 import argparse
@@ -10,9 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from perco.engine.errors import PercoError
+from perco.engine.errors import PercoError, UsageError
+from perco.engine.model import RATES
 
-DEFAULT_BACKEND = "torch"
+DEFAULT_BACKEND = "torch"  # without --backend: the backend --artifacts was made for, else this
+MAX_BITSTREAM_BYTES = 16 << 20  # a valid bitstream is far smaller (16384 x 16384 at the finest grid: < 7 MB)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,25 +31,33 @@ def _model_arg(p, required=True):
 
 def _backend_arg(p):
     from perco.engine.backends import available
+    from perco.engine.limits import MAX_PIXELS_ENV
 
-    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=available(),
-                   help="network backend (default: %(default)s); onnxruntime runs exported graphs without torch, "
-                        "tensorrt runs engines on an NVIDIA GPU")
+    p.add_argument("--backend", default=None, choices=available(),
+                   help=f"network backend (default: the one --artifacts was made for, else {DEFAULT_BACKEND}); "
+                        "onnxruntime runs exported graphs without torch, tensorrt runs engines on an NVIDIA GPU")
     p.add_argument("--artifacts", metavar="DIR", default=None,
                    help="exported graphs for --backend onnxruntime (from 'perco export'; without it, --model is "
                         "exported into the cache on first use), or engines for --backend tensorrt (from "
                         "'perco build')")
+    p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH",
+                   help="largest image to code, in pixels (default: estimated from the backend's memory, and "
+                        f"the engines' profile for tensorrt; also {MAX_PIXELS_ENV})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="perco", description=__doc__.split("\n")[0],
-                     epilog="Run 'perco COMMAND --help' for the options of a command.")
+                     epilog="Run 'perco COMMAND --help' for the options of a command. Exit codes: 0 success, "
+                            "1 error, 2 bad flags, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("compress", help="image -> bitstream",
                        description="Compress an image to a PerCo bitstream (caption + VQ token indices).")
-    p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, ...; any size)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="bitstream file to write")
+    p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, ...; 8 or 16 bits; alpha is "
+                                                   "composited over white), or - for standard input")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="bitstream file to write, or - for "
+                                                                         "standard output")
     _model_arg(p, required=False)
     p.add_argument("--caption", default="", metavar="TEXT",
                    help="caption describing the image (global semantics); default: empty")
@@ -56,22 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_arg(p)
     _quiet_arg(p)
 
-    p = sub.add_parser("decompress", help="bitstream -> PNG",
-                       description="Decode a bitstream to a PNG at the original image size.")
-    p.add_argument("input", metavar="IN", help="bitstream file")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG file to write")
+    p = sub.add_parser("decompress", help="bitstream -> image",
+                       description="Decode a bitstream to an image at the original size.")
+    p.add_argument("input", metavar="IN", help="bitstream file, or - for standard input")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="image to write: .png, .webp (both lossless) or .jpg/.jpeg (quality 95) by its extension, "
+                        "or - for a PNG on standard output")
     _model_arg(p, required=False)
     p.add_argument("--steps", type=_positive, default=None, metavar="N",
                    help="denoising steps (default: the bitstream's hint, else 20 below 0.05 bpp, 5 at or above)")
-    p.add_argument("--guidance", type=float, default=None, metavar="G",
-                   help="classifier-free guidance scale (default: 3.0)")
+    p.add_argument("--guidance", type=_guidance, default=None, metavar="G",
+                   help="classifier-free guidance scale, 0..50 (default: the bitstream's hint, else 3.0)")
     _sampler_args(p)
     _backend_arg(p)
     _quiet_arg(p)
 
     p = sub.add_parser("info", help="show what a bitstream holds",
                        description="Header fields, bytes per section and bits per pixel of a bitstream.")
-    p.add_argument("input", metavar="IN", help="bitstream file")
+    p.add_argument("input", metavar="IN", help="bitstream file, or - for standard input")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--model", metavar="DIR", default=None,
                    help="also decode the caption and check the fingerprint against this model")
@@ -84,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "released folder layout (for tests and the demo; its pixels are meaningless).")
     p.add_argument("dir", metavar="DIR", help="folder to create (must not exist or be empty)")
     p.add_argument("--rate", default="0.0313", metavar="BPP",
-                   help="rate preset whose token grid and codebook to keep (default: %(default)s)")
+                   help="rate preset whose token grid and codebook to keep, one of " + ", ".join(
+                       f"{r} (grid {g}, {k} codes)" for r, (g, k) in RATES.items()) + " (default: %(default)s)")
     p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="weight seed (default: 0)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer folder to copy (transformers format); default: a small built-in one")
@@ -192,7 +206,19 @@ def _sampler_args(p):
 
 
 def _quiet_arg(p):
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timing table")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from perco.engine.bitstream import VERSION
+
+    try:
+        release = version("perco-engine")
+    except PackageNotFoundError:
+        release = "unknown (not installed)"
+    return f"perco-engine {release} (bitstream v{VERSION})"
 
 
 def _positive(text: str) -> int:
@@ -203,6 +229,25 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _guidance(text: str) -> float:
+    from perco.engine.bitstream import MAX_GUIDANCE
+    from perco.engine.codec import check_guidance
+
+    try:
+        return check_guidance(float(text))
+    except (ValueError, PercoError):
+        raise argparse.ArgumentTypeError(f"expected a finite number in 0..{MAX_GUIDANCE:g}, got {text!r}") from None
+
+
+def _pixels(text: str) -> int:
+    from perco.engine.limits import parse_max_pixels
+
+    try:
+        return parse_max_pixels(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _range(text: str) -> tuple:
@@ -222,9 +267,9 @@ def _size(text):
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise PercoError(f"--size takes WxH in pixels, e.g. 256x256, got {text!r}") from None
+        raise UsageError(f"--size takes WxH in pixels, e.g. 256x256, got {text!r}") from None
     if width <= 0 or height <= 0:
-        raise PercoError(f"--size must be positive, got {text!r}")
+        raise UsageError(f"--size must be positive, got {text!r}")
     return width, height
 
 
@@ -239,64 +284,124 @@ def _uint64(text: str) -> int:
 
 
 def _say(args, text: str) -> None:
+    """Progress and timings: stderr, unless --quiet."""
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
+
+
+def _result(args, text: str) -> None:
+    """The one-line result: stdout, or stderr when stdout carries the output; nothing with --quiet."""
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr if getattr(args, "output", None) == "-" else sys.stdout)
+
+
+def _backend_name(args) -> str:
+    """--backend, else the backend --artifacts was made for (engines: tensorrt; graphs: onnxruntime), else torch."""
+    from perco.engine.backends.tensorrt import ENGINES_MANIFEST
+    from perco.engine.manifest import MANIFEST
+
+    if args.backend:
+        return args.backend
+    if args.artifacts:
+        folder = Path(args.artifacts)
+        if (folder / ENGINES_MANIFEST).is_file() and not (folder / MANIFEST).is_file():
+            return "tensorrt"
+        return "onnxruntime"
+    return DEFAULT_BACKEND
+
+
+def _model_folder(args):
+    """--model, else (without --artifacts) the bundled tiny model, made on first use."""
+    if args.model is None and args.artifacts is None:
+        from perco.engine.demo import default_model
+
+        args.model = str(default_model(progress=not getattr(args, "quiet", False)))
+    return args.model
+
+
+def _limit(args):
+    """The codec's size limit for these flags, from configs and manifests only: no network is loaded."""
+    from perco.engine.backends.tensorrt import profile_size
+    from perco.engine.limits import backend_memory, decode_limit
+
+    spec, manifest = _spec_and_manifest(_model_folder(args), args.artifacts)
+    name = _backend_name(args)
+    max_size = profile_size(manifest) if name == "tensorrt" and manifest else None
+    return spec, decode_limit(spec.sizes, backend_memory(name, max_size), args.max_pixels)
 
 
 def _codec(args):
     from perco.engine.codec import Codec
 
-    folder, artifacts = args.model, args.artifacts
-    quiet = getattr(args, "quiet", False)
-    if folder is None and artifacts is None:
-        from perco.engine.demo import default_model
-
-        folder = default_model(progress=not quiet)
-    return Codec.from_pretrained(folder, backend=args.backend, artifacts=artifacts, progress=not quiet)
+    return Codec.from_pretrained(_model_folder(args), backend=_backend_name(args), artifacts=args.artifacts,
+                                 progress=not args.quiet, max_pixels=args.max_pixels)
 
 
 def _read_bitstream(path) -> bytes:
+    """All bytes of a bitstream file or of standard input ("-"), refusing more than MAX_BITSTREAM_BYTES."""
+    name = "standard input" if path == "-" else str(path)
     try:
-        return Path(path).read_bytes()
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_BITSTREAM_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_BITSTREAM_BYTES + 1)
     except FileNotFoundError:
-        raise PercoError(f"bitstream {path} does not exist") from None
+        raise PercoError(f"bitstream {name} does not exist") from None
+    except IsADirectoryError:
+        raise PercoError(f"bitstream {name} is a folder") from None
     except OSError as exc:
-        raise PercoError(f"cannot read bitstream {path}: {exc.strerror or exc}") from None
-
-
-def _check_output(path) -> None:
-    """Fail before any work if the output cannot be written where asked."""
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise PercoError(f"cannot write {path}: folder {parent} does not exist")
-    if Path(path).is_dir():
-        raise PercoError(f"cannot write {path}: it is a folder")
+        raise PercoError(f"cannot read bitstream {name}: {exc.strerror or exc}") from None
+    if len(data) > MAX_BITSTREAM_BYTES:
+        raise PercoError(f"{name} is larger than {MAX_BITSTREAM_BYTES >> 20} MiB: not a PerCo Engine bitstream")
+    return data
 
 
 def cmd_compress(args) -> None:
     from perco.engine.bitstream import Hints
-    from perco.engine.imageio import load_image, write_output
+    from perco.engine.imageio import check_output, load_image, read_image_size, write_output
 
-    _check_output(args.output)
-    image = load_image(args.image)  # fail on a bad image before loading any model
+    check_output(args.output)
+    size = read_image_size(args.image)  # the header only: fail on a bad or huge image before any model loads
+    spec, limit = _limit(args)
+    if size is not None:
+        _check_size(spec, limit, *size, encode=True)
+    bound = limit.max_encode_pixels or limit.max_pixels
+    image = load_image(args.image, max_pixels=bound)
+    _check_size(spec, limit, image.shape[1], image.shape[0], encode=True)
     with _codec(args) as codec:
-        data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint))
+        data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint),
+                              progress=not args.quiet)
     write_output(args.output, data)
     h, w = image.shape[:2]
-    print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
+    _result(args, f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
     _say(args, "stage timings (compress):\n" + codec.timings.table())
 
 
-def cmd_decompress(args) -> None:
-    from perco.engine.imageio import save_png
+def _check_size(spec, limit, width, height, encode=False) -> None:
+    from perco.engine.bitstream import MAX_SIDE
 
-    _check_output(args.output)
+    if max(width, height) > MAX_SIDE:
+        raise PercoError(f"image {width}x{height} is larger than {MAX_SIDE} pixels on a side")
+    m = spec.pad_multiple
+    limit.check(width, height, (-(-height // m) * m, -(-width // m) * m), encode)
+
+
+def cmd_decompress(args) -> None:
+    from perco.engine import bitstream
+    from perco.engine.imageio import check_output, output_format, save_image
+
+    output_format(args.output)
+    check_output(args.output)
     data = _read_bitstream(args.input)
+    header = bitstream.parse(data)[0]  # a corrupt or truncated file fails here, before any model loads
+    spec, limit = _limit(args)
+    _check_size(spec, limit, header.width, header.height)
     with _codec(args) as codec:
         image = codec.decompress(data, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                                  guidance_stop=args.guidance_stop, progress=not args.quiet)
-    save_png(args.output, image)
-    print(f"{args.output}: {image.shape[1]}x{image.shape[0]} PNG")
+    save_image(args.output, image)
+    _result(args, f"{args.output}: {image.shape[1]}x{image.shape[0]} {output_format(args.output)}")
     _say(args, "stage timings (decompress):\n" + codec.timings.table())
 
 
@@ -321,7 +426,7 @@ def cmd_info(args) -> None:
     if args.model or args.artifacts:
         from perco.engine.text import detokenize
 
-        spec = _spec(args.model, args.artifacts)
+        spec = _spec_and_manifest(args.model, args.artifacts)[0]
         _, caption_ids, indices = bitstream.unpack(data, spec.stream_spec)
         info["caption_tokens"] = int(caption_ids.size)
         info["caption"] = detokenize(caption_ids, spec.tokenizer_dir)
@@ -340,18 +445,18 @@ def cmd_info(args) -> None:
                                                     if "token_grid" in info else ""))
 
 
-def _spec(model, artifacts):
-    """The ModelSpec of a model folder, else of an artifacts or engines folder (no torch either way)."""
+def _spec_and_manifest(model, artifacts):
+    """(ModelSpec, manifest or None) of an artifacts or engines folder, else of a model folder (no torch)."""
     from perco.engine.backends.tensorrt import ENGINES_MANIFEST, spec_from_engines
     from perco.engine.manifest import MANIFEST, spec_from_artifacts
     from perco.engine.model import ModelInfo
 
-    if model:
-        return ModelInfo(model).spec
+    if not artifacts:
+        return ModelInfo(model).spec, None
     folder = Path(artifacts)
     if not (folder / MANIFEST).is_file() and (folder / ENGINES_MANIFEST).is_file():
-        return spec_from_engines(folder)[0]
-    return spec_from_artifacts(folder)[0]
+        return spec_from_engines(folder)
+    return spec_from_artifacts(folder)
 
 
 def cmd_init_tiny(args) -> None:
@@ -474,7 +579,7 @@ def main(argv=None) -> int:
         COMMANDS[args.command](args)
     except PercoError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -19,8 +19,12 @@ import numpy as np
 from perco.engine import bitstream
 from perco.engine.backends import open_backend
 from perco.engine.bitstream import Header, Hints
-from perco.engine.errors import DecodeLimitError, PercoError
+from perco.engine.errors import PercoError
 from perco.engine.imageio import as_rgb_array, from_model_output, pad_to_multiple, to_model_input
+from perco.engine.limits import (
+    VAE_TILE, VAE_TILE_OVERLAP, DecodeLimit, available_memory, backend_memory, decode_limit, tiles, vae_tiled,
+)
+
 from perco.engine.model import GUIDANCE, LATENT_FACTOR, ModelSpec
 from perco.engine.noise import gaussian_noise
 from perco.engine.sampling import guided, make_sampler
@@ -46,25 +50,41 @@ class StageTimings(dict):
 
 
 class Codec:
-    """A model plus a backend. `compress` and `decompress` record `timings` per stage."""
+    """A model plus a backend. `compress` and `decompress` record `timings` per stage.
 
-    def __init__(self, model: ModelSpec, backend):
+    `limit` bounds the image size both ways (see `perco.engine.limits`): by default, what the
+    backend's memory and profile allow; `max_pixels` replaces the pixel count.
+    """
+
+    def __init__(self, model: ModelSpec, backend, limit: Optional[DecodeLimit] = None):
         self.model = model
         self.backend = backend
+        self.limit = limit or DecodeLimit(None)
         self.timings = StageTimings()
         self._tokenizer: Optional[CaptionTokenizer] = None
         self._uncond_embedding: Optional[np.ndarray] = None
-        self.max_pixels: Optional[int] = None  # decode size limit; None: the backend's default
 
     @classmethod
-    def from_pretrained(cls, folder=None, backend: str = "torch", artifacts=None, progress: bool = False) -> "Codec":
+    def from_pretrained(cls, folder=None, backend: str = "torch", artifacts=None, progress: bool = False,
+                        max_pixels=None) -> "Codec":
         """A codec from a model folder and/or exported artifacts (`perco export`).
 
         backend "torch" runs the checkpoint; "onnxruntime" runs `artifacts` (exported from
-        `folder` into the cache first when only `folder` is given).
+        `folder` into the cache first when only `folder` is given). `max_pixels` (or the
+        PERCO_MAX_PIXELS variable) replaces the size limit estimated from memory.
         """
+        host_memory = available_memory()  # before the weights load: the estimate counts them itself
         spec, runner = open_backend(backend, folder, artifacts, progress)
-        return cls(spec, runner)
+        memory = backend_memory(runner.name, getattr(runner, "max_size", None), host_memory)
+        return cls(spec, runner, decode_limit(spec.sizes, memory, max_pixels))
+
+    @property
+    def max_pixels(self) -> Optional[int]:
+        return self.limit.max_pixels
+
+    @max_pixels.setter
+    def max_pixels(self, value: Optional[int]) -> None:
+        self.limit = DecodeLimit(value, self.limit.max_size, "set on the codec")
 
     def close(self) -> None:
         """Release the backend's resources (device memory; TensorRT-RTX saves its runtime cache)."""
@@ -80,8 +100,11 @@ class Codec:
 
     # --- encoder side ---------------------------------------------------------------------
 
-    def compress(self, image, caption: str = "", seed: int = 0, hints: Hints = Hints()) -> bytes:
-        """Image (path, PIL image or uint8 [H, W, 3]) + caption -> bitstream bytes."""
+    def compress(self, image, caption: str = "", seed: int = 0, hints: Hints = Hints(), progress: bool = False) -> bytes:
+        """Image (path, PIL image or uint8 [H, W, 3]) + caption -> bitstream bytes.
+
+        Images over the size limit are refused (DecodeLimitError): they could not be decoded.
+        """
         if not 0 <= seed < 1 << 64:
             raise PercoError(f"seed must be in 0..2^64-1, got {seed}")
         if hints.guidance is not None:
@@ -89,21 +112,28 @@ class Codec:
         if hints.steps is not None and not 1 <= hints.steps <= bitstream.MAX_STEPS:
             raise PercoError(f"the steps hint must be in 1..{bitstream.MAX_STEPS}, got {hints.steps}")
         self.timings = t = StageTimings()
-        with t.stage("prepare"):
-            rgb = as_rgb_array(image)
-            height, width = rgb.shape[:2]
-            if max(height, width) > bitstream.MAX_SIDE:
-                raise PercoError(f"image {width}x{height} is larger than {bitstream.MAX_SIDE} pixels on a side")
-            x = to_model_input(pad_to_multiple(rgb, self.model.pad_multiple))  # [1, 3, H', W']
-        with t.stage("vae_encode"):
-            latent = self._run("vae_encoder", image=x)["latent"]  # [1, 4, H'/8, W'/8]
-        with t.stage("hyper_encode"):
-            indices = self._run("hyper_encoder", latent=latent)["indices"][0]  # [gh, gw]
-        with t.stage("tokenize"):
-            caption_ids = self._tokenize(caption)
-        with t.stage("entropy_encode"):
-            header = Header(self.model.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, hints)
-            data = bitstream.pack(header, caption_ids, indices, self.model.stream_spec)
+        bar = _progress(None, progress, total=4, desc="compressing", unit="stage")
+        try:
+            with t.stage("prepare"):
+                rgb = as_rgb_array(image)
+                height, width = rgb.shape[:2]
+                self.check_size(width, height, encode=True)
+                x = to_model_input(pad_to_multiple(rgb, self.model.pad_multiple))  # [1, 3, H', W']
+            with t.stage("vae_encode"):
+                latent = self._run("vae_encoder", image=x)["latent"]  # [1, 4, H'/8, W'/8]
+            bar.update()
+            with t.stage("hyper_encode"):
+                indices = self._run("hyper_encoder", latent=latent)["indices"][0]  # [gh, gw]
+            bar.update()
+            with t.stage("tokenize"):
+                caption_ids = self._tokenize(caption)
+            bar.update()
+            with t.stage("entropy_encode"):
+                header = Header(self.model.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, hints)
+                data = bitstream.pack(header, caption_ids, indices, self.model.stream_spec)
+            bar.update()
+        finally:
+            bar.close()
         return data
 
     def _tokenize(self, caption: str) -> np.ndarray:
@@ -158,7 +188,7 @@ class Codec:
         sizes = {(h.width, h.height) for h in headers}
         if len(sizes) > 1:
             raise PercoError(f"a batch must hold images of one size, got {sorted(sizes)}")
-        self.check_decode_size(headers[0].width, headers[0].height, len(datas))
+        self.check_size(headers[0].width, headers[0].height)
         hints = headers[0].hints
         steps = steps or hints.steps or self.model.default_steps
         if guidance is None:
@@ -195,7 +225,7 @@ class Codec:
                                     text_embeddings=cond, local_features=local)["model_output"]
                 latent = schedule.step(out, int(step_t), latent)
         with t.stage("vae_decode"):
-            image = self._run("vae_decoder", latent=latent)["image"]  # [B, 3, 8h, 8w]
+            image = self._decode_latent(latent)  # [B, 3, 8h, 8w]
         with t.stage("postprocess"):
             assert image.shape[2:] == (LATENT_FACTOR * h, LATENT_FACTOR * w), image.shape
             header = headers[0]
@@ -203,10 +233,31 @@ class Codec:
                           for i in range(batch)]
         return out_images
 
-    def check_decode_size(self, width: int, height: int, batch: int = 1) -> None:
-        """DecodeLimitError if decoding `batch` images of this size exceeds the limit, before any network runs."""
-        if self.max_pixels is not None and width * height > self.max_pixels:
-            raise DecodeLimitError(f"image {width}x{height} exceeds the decode limit of {self.max_pixels} pixels")
+    def check_size(self, width: int, height: int, encode: bool = False) -> None:
+        """DecodeLimitError if an image of this size is over the limit (to decode, or to `encode` and
+        decode); called before any network runs."""
+        if max(width, height) > bitstream.MAX_SIDE:
+            raise PercoError(f"image {width}x{height} is larger than {bitstream.MAX_SIDE} pixels on a side")
+        m = self.model.pad_multiple
+        self.limit.check(width, height, (-(-height // m) * m, -(-width // m) * m), encode)
+
+    def _decode_latent(self, latent: np.ndarray) -> np.ndarray:
+        """The VAE decoder, in overlapping tiles for large latents (`limits.vae_tiled`: by size alone)."""
+        h, w = latent.shape[2:]
+        if not vae_tiled(h, w):
+            return self._run("vae_decoder", latent=latent)["image"]
+        f = LATENT_FACTOR
+        image = np.zeros((latent.shape[0], 3, f * h, f * w), np.float32)
+        total = np.zeros((f * h, f * w), np.float32)
+        ys, xs = tiles(h), tiles(w)
+        for y in ys:
+            for x in xs:
+                th, tw = min(VAE_TILE, h), min(VAE_TILE, w)
+                part = self._run("vae_decoder", latent=np.ascontiguousarray(latent[:, :, y : y + th, x : x + tw]))
+                weight = np.outer(_ramp(f * th, y > 0, y + th < h), _ramp(f * tw, x > 0, x + tw < w))
+                image[:, :, f * y : f * (y + th), f * x : f * (x + tw)] += part["image"] * weight
+                total[f * y : f * (y + th), f * x : f * (x + tw)] += weight
+        return image / total
 
     def _encode_text(self, captions: list) -> np.ndarray:
         ids = np.stack([self.model.tokens.input_ids(c) for c in captions])  # [B, 77]
@@ -228,9 +279,30 @@ def check_guidance(guidance: float) -> float:
     return float(guidance)
 
 
-def _progress(items, enabled: bool):
+def _ramp(n: int, rise: bool, fall: bool) -> np.ndarray:
+    """Blend weights along one tile side: linear over the overlap where a neighbour shares it, else 1."""
+    edge = LATENT_FACTOR * VAE_TILE_OVERLAP
+    ramp = (np.arange(edge, dtype=np.float32) + 0.5) / edge
+    weight = np.ones(n, np.float32)
+    if rise:
+        weight[:edge] = ramp
+    if fall:
+        weight[n - edge :] = np.minimum(weight[n - edge :], ramp[::-1])
+    return weight
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(items, enabled: bool, desc: str = "denoising", unit: str = "step", total=None):
+    """A tqdm bar on stderr over `items` (or a manual one when items is None), or nothing."""
     if not enabled:
-        return items
+        return _NoProgress() if items is None else items
     from tqdm import tqdm
 
-    return tqdm(items, desc="denoising", unit="step", leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit=unit, total=total, leave=False, dynamic_ncols=True)

@@ -48,9 +48,13 @@ def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=No
     return folder
 
 
+def default_model_folder() -> Path:
+    return cache_dir() / f"tiny-{DEMO_RATE}-seed{DEMO_SEED}-v{_CACHE_VERSION}"
+
+
 def default_model(progress: bool = True) -> Path:
     """The bundled default model: a tiny seeded model in the cache, created on first use."""
-    folder = cache_dir() / f"tiny-{DEMO_RATE}-seed{DEMO_SEED}-v{_CACHE_VERSION}"
+    folder = default_model_folder()
     if not folder.is_dir():
         if progress:
             print(f"creating the bundled tiny model in {folder} (first use) ...", file=sys.stderr)
@@ -79,29 +83,50 @@ def sample_image(width: int = 768, height: int = 512) -> np.ndarray:
 
 
 def run_demo(args, codec) -> None:
-    from perco.engine.imageio import load_image, save_png, write_output
+    from perco.engine.imageio import load_image, save_image, write_output
 
+    say = (lambda text: None) if args.quiet else print
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PercoError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
-    image = load_image(args.image) if args.image else sample_image()
-    if not args.model and not args.artifacts:
-        print("model: bundled tiny model with RANDOM weights - the decoded pixels are meaningless; "
-              "pass --model DIR with a real PerCo (SD) checkpoint for real reconstructions")
-    print(f"{codec.model.describe()}, backend {codec.backend.name}")
+    image = load_image(args.image, max_pixels=codec.limit.max_encode_pixels) if args.image else sample_image()
+    random_weights = args.model is not None and Path(args.model).resolve() == default_model_folder().resolve()
+    if random_weights:
+        say("model: bundled tiny model with RANDOM weights - the decoded pixels are meaningless; "
+            "pass --model DIR with a real PerCo (SD) checkpoint for real reconstructions")
+    say(f"{codec.model.describe()}, backend {codec.backend.name}")
 
-    data = codec.compress(image, caption=DEMO_CAPTION if not args.image else "")
+    data = codec.compress(image, caption=DEMO_CAPTION if not args.image else "", progress=not args.quiet)
     compress_timings = codec.timings
     write_output(out / "image.perco", data)
     decoded = codec.decompress(data, steps=args.steps, progress=not args.quiet)
-    save_png(out / "original.png", image)
-    save_png(out / "decoded.png", decoded)
-    save_png(out / "side_by_side.png", np.concatenate([image, decoded], axis=1))
-
+    save_image(out / "original.png", image)
+    save_image(out / "decoded.png", decoded)
     h, w = image.shape[:2]
-    print(f"image {w}x{h}: {len(data)} bytes = {8 * len(data) / (w * h):.4f} bpp -> {out / 'image.perco'}")
-    print(f"decoded {decoded.shape[1]}x{decoded.shape[0]} -> {out / 'side_by_side.png'} (left: original, right: decoded)")
-    print("stage timings (compress):\n" + compress_timings.table())
-    print("stage timings (decompress):\n" + codec.timings.table())
+    bpp = 8 * len(data) / (w * h)
+    right = f"decoded, {len(data)} bytes = {bpp:.4f} bpp" + (" (random tiny model: noise)" if random_weights else "")
+    save_image(out / "side_by_side.png", side_by_side(image, decoded, "original", right))
+
+    say(f"image {w}x{h}: {len(data)} bytes = {bpp:.4f} bpp -> {out / 'image.perco'}")
+    say(f"decoded {decoded.shape[1]}x{decoded.shape[0]} -> {out / 'side_by_side.png'} (left: original, right: decoded)")
+    say("stage timings (compress):\n" + compress_timings.table())
+    say("stage timings (decompress):\n" + codec.timings.table())
+
+
+LABEL_HEIGHT = 24
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, left_label: str, right_label: str) -> np.ndarray:
+    """Two images of one size next to each other, each under a white band with its label."""
+    from PIL import Image, ImageDraw
+
+    h, w = left.shape[:2]
+    canvas = Image.new("RGB", (2 * w, h + LABEL_HEIGHT), (255, 255, 255))
+    canvas.paste(Image.fromarray(left), (0, LABEL_HEIGHT))
+    canvas.paste(Image.fromarray(right), (w, LABEL_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    for x, label in ((0, left_label), (w, right_label)):
+        draw.text((x + 6, 6), label, fill=(0, 0, 0))
+    return np.asarray(canvas)

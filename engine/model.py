@@ -24,6 +24,17 @@ REFERENCE_SIDE = 512  # the token grid side in the config is the grid at 512 x 5
 GUIDANCE = 3.0
 STEPS_LOW_RATE, STEPS_HIGH_RATE, RATE_THRESHOLD = 20, 5, 0.05
 
+# PerCo (SD)'s released rates: rate (bpp of the indices at 512x512) -> (token grid side at 512x512, codebook size)
+RATES = {
+    "0.1250": (64, 256),
+    "0.0937": (64, 64),
+    "0.0507": (32, 8192),
+    "0.0313": (32, 256),
+    "0.0098": (16, 1024),
+    "0.0024": (8, 1024),
+    "0.0019": (8, 256),
+}
+
 # Required files, per component: (config file, weights file)
 COMPONENTS = {
     "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
@@ -117,6 +128,39 @@ def check_fields(config: dict, fields: dict, path) -> None:
 
 
 @dataclass(frozen=True)
+class NetworkSizes:
+    """The few network dimensions that decide decoding memory."""
+
+    unet_channels: int  # UNet block_out_channels[0]
+    unet_heads: int  # heads of its highest-resolution attention
+    unet_attention_level: int  # downsampling level of that attention (0 = latent resolution)
+    vae_channels: int  # VAE block_out_channels[0]: the channels at full image resolution
+    weights_bytes: int  # all weights, float32
+
+    @classmethod
+    def from_configs(cls, unet: dict, vae: dict, weights_bytes: int) -> "NetworkSizes":
+        blocks = unet.get("down_block_types")
+        blocks = blocks if isinstance(blocks, list) else ["CrossAttnDownBlock2D"]  # diffusers' default: attention first
+        level = next((i for i, b in enumerate(blocks) if "Attn" in str(b)), 0)
+        heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8  # diffusers' naming quirk
+        heads = heads[min(level, len(heads) - 1)] if isinstance(heads, list) else heads
+        return cls(int(unet["block_out_channels"][0]), int(heads), level, int(vae["block_out_channels"][0]),
+                   int(weights_bytes))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkSizes":
+        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
+
+
+# Stable Diffusion 2.1 with a PerCo hyper-encoder: assumed for exports that did not record their sizes.
+SD21_SIZES = NetworkSizes(unet_channels=320, unet_heads=5, unet_attention_level=0, vae_channels=128,
+                          weights_bytes=5_200_000_000)
+
+
+@dataclass(frozen=True)
 class RateGeometry:
     grid: int  # token grid side at 512 x 512
     codebook_size: int
@@ -146,6 +190,7 @@ class ModelSpec:
     pad_multiple: int
     family: str = FAMILY
     tokenizer_dir: Optional[Path] = None  # for compressing captions; decoding never needs it
+    sizes: Optional[NetworkSizes] = None  # for the decode size limit; None in exports made before it
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -180,6 +225,7 @@ class ModelSpec:
             "tokens": asdict(self.tokens),
             "scheduler": self.scheduler_config,
             "pad_multiple": self.pad_multiple,
+            **({"sizes": self.sizes.to_dict()} if self.sizes else {}),
         }
 
     @classmethod
@@ -193,6 +239,7 @@ class ModelSpec:
                 pad_multiple=int(d["pad_multiple"]),
                 family=str(d["family"]),
                 tokenizer_dir=tokenizer_dir,
+                sizes=NetworkSizes.from_dict(d["sizes"]) if "sizes" in d else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model description is malformed: {exc!r}") from None
@@ -266,6 +313,8 @@ class ModelInfo:
             scheduler_config=self.scheduler_config,
             pad_multiple=self.pad_multiple,
             tokenizer_dir=self.folder / "tokenizer",
+            sizes=NetworkSizes.from_configs(self.configs["unet"], self.configs["vae"], sum(
+                (self.folder / name / weights).stat().st_size for name, (_, weights) in COMPONENTS.items())),
         )
 
     @property

@@ -1,11 +1,23 @@
-"""Shared fixtures: tiny models are made only through `perco init-tiny`, once per session."""
+"""Shared fixtures: tiny models are made only through `perco init-tiny`, once per session.
 
+The suite never writes into the user's cache: PERCO_CACHE points at a private folder for the
+session (the bundled model and exported artifacts are made there on first use), removed after.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from perco.engine.cli import main
+
+_CACHE = tempfile.mkdtemp(prefix="perco-test-cache-")
+os.environ["PERCO_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 DATA = Path(__file__).parent / "data"
 CLIP_TOKENIZER = DATA / "clip-tokenizer"

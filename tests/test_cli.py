@@ -132,15 +132,15 @@ def test_console_script_subprocess(files, tiny_model, tmp_path):
 
 
 def test_demo(tmp_path, tiny_model, capsys):
-    code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--model", tiny_model, "--steps", "1", "-q")
+    code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--model", tiny_model, "--steps", "1")
     assert code == 0 and "bpp" in out and "denoise" in out
     side = np.asarray(Image.open(tmp_path / "demo" / "side_by_side.png"))
-    assert side.shape == (512, 1536, 3)
+    assert side.shape == (512 + 24, 1536, 3)
 
 
 def test_quantize_bad_size_is_one_line(tmp_path, capsys):
     from perco.engine.cli import main
 
-    assert main(["quantize", "--artifacts", str(tmp_path), "-o", str(tmp_path / "q"), "--size", "big"]) == 1
+    assert main(["quantize", "--artifacts", str(tmp_path), "-o", str(tmp_path / "q"), "--size", "big"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --size takes WxH in pixels, e.g. 256x256, got 'big'"] and not (tmp_path / "q").exists()

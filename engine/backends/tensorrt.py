@@ -198,6 +198,7 @@ class TensorRTBackend:
         from perco.engine.cuda import open_cuda
 
         self.folder, self.manifest = Path(folder), manifest
+        self.max_size = profile_size(manifest)  # (height, width): larger images are outside every profile
         self.flavor = manifest.get("flavor", "")
         if trt is None and self.flavor in FLAVOR_MODULES:
             trt = import_flavor(self.flavor)
@@ -378,6 +379,19 @@ def spec_from_engines(folder) -> tuple:
     manifest = read_engines(folder)
     tokenizer = Path(folder) / manifest["tokenizer"] if manifest.get("tokenizer") else None
     return ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer), manifest
+
+
+def profile_size(manifest: dict):
+    """(height, width) of the largest padded image the engines' profiles accept (denoiser and VAE decoder)."""
+    sides = []
+    for graph, tensor in (("denoiser", "sample"), ("vae_decoder", "latent")):
+        try:
+            sides.append(manifest["graphs"][graph]["shapes"][tensor]["max"][2:4])
+        except (KeyError, TypeError, IndexError):
+            continue
+    if not sides:
+        return None
+    return tuple(8 * min(int(side[i]) for side in sides) for i in (0, 1))
 
 
 def _built(model_dir, progress: bool) -> Path:

@@ -15,18 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perco.engine.errors import ModelError
-from perco.engine.model import COMPONENTS, SCHEDULER_CONFIG, ModelInfo
-
-# rate (bpp of the indices at 512x512) -> (token grid side at 512x512, codebook size)
-RATES = {
-    "0.1250": (64, 256),
-    "0.0937": (64, 64),
-    "0.0507": (32, 8192),
-    "0.0313": (32, 256),
-    "0.0098": (16, 1024),
-    "0.0024": (8, 1024),
-    "0.0019": (8, 256),
-}
+from perco.engine.model import COMPONENTS, RATES, SCHEDULER_CONFIG, ModelInfo
 
 SD21_SCHEDULER = {
     "_class_name": "DDIMScheduler",
