@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode the caption and check the fingerprint against this model")
     p.add_argument("--artifacts", metavar="DIR", default=None,
                    help="the same with exported artifacts ('perco export') or engines ('perco build') instead "
-                        "of a model folder")
+                        "of a model folder; with either, also say whether the image is within the decode limit")
+    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
+                   help="backend whose decode limit to check (default: as for decompress)")
+    p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH", help="a decode limit to check instead")
 
     p = sub.add_parser("init-tiny", help="write a tiny random model in the real folder layout",
                        description="Write a tiny, seeded, randomly initialised PerCo (SD) model in exactly the "
@@ -426,11 +429,19 @@ def cmd_info(args) -> None:
     if args.model or args.artifacts:
         from perco.engine.text import detokenize
 
-        spec = _spec_and_manifest(args.model, args.artifacts)[0]
+        from perco.engine.errors import DecodeLimitError
+
+        spec, limit = _limit(args)
         _, caption_ids, indices = bitstream.unpack(data, spec.stream_spec)
         info["caption_tokens"] = int(caption_ids.size)
         info["caption"] = detokenize(caption_ids, spec.tokenizer_dir)
         info["token_grid"] = list(indices.shape)
+        try:
+            _check_size(spec, limit, header.width, header.height)
+            info["decodable"] = {"backend": _backend_name(args), "ok": True, "max_pixels": limit.max_pixels}
+        except DecodeLimitError as exc:
+            info["decodable"] = {"backend": _backend_name(args), "ok": False, "max_pixels": limit.max_pixels,
+                                 "reason": str(exc)}
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -443,6 +454,10 @@ def cmd_info(args) -> None:
                                                     if "caption" in info else ""))
     print(f"  indices   {b['indices']:6d} bytes" + (f"  grid {info['token_grid'][0]}x{info['token_grid'][1]}"
                                                     if "token_grid" in info else ""))
+    if "decodable" in info:
+        d = info["decodable"]
+        print(f"  decode    {'within' if d['ok'] else 'OVER'} the {d['backend']} limit" + ("" if d["ok"] else
+                                                                                         f": {d['reason']}"))
 
 
 def _spec_and_manifest(model, artifacts):

@@ -191,6 +191,8 @@ def test_huge_header_refused_before_the_model_loads(size, tiny_model, tmp_path, 
         one_error(code, err, "over the decode limit of 1.05 Mpx")
     code, out, _ = run(capsys, "info", path)
     assert code == 0 and f"{size[0]}x{size[1]}" in out  # info reads the header only, and says the size
+    code, out, _ = run(capsys, "info", path, "--model", tiny_model, "--json", "--max-pixels", "1024x1024")
+    assert code == 0 and json.loads(out)["decodable"]["ok"] is False  # ... and, with a model, that it is too large
 
 
 def test_default_limit_stops_a_huge_header(tiny_model, tmp_path, capsys, no_model_load, monkeypatch):
