@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _sampler_args(p):
     from perco.engine.sampling import SAMPLERS
 
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
-                   help="ddim (the PerCo (SD) reference) or dpmpp2m (DPM-Solver++ 2M, for few steps)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="default: the model's (ddim, the PerCo (SD) reference); dpmpp2m: DPM-Solver++ 2M, for few "
+                        "steps; flow-euler: flow-matching Euler, for flow-matching models")
     p.add_argument("--guidance-stop", type=int, default=0, metavar="N",
                    help="run the last N steps without guidance (conditional branch only; default 0)")
 

@@ -152,15 +152,16 @@ class Codec:
         data: bytes,
         steps: Optional[int] = None,
         guidance: Optional[float] = None,
-        sampler: str = "ddim",
+        sampler: Optional[str] = None,
         guidance_stop: int = 0,
         progress: bool = False,
     ) -> np.ndarray:
         """Bitstream bytes -> uint8 [H, W, 3] at the original size.
 
         `steps` and `guidance` default to the bitstream's hints, then to the model's defaults
-        (20 steps below 0.05 bpp, 5 at or above; guidance 3.0). `sampler` is "ddim" (the
-        reference) or "dpmpp2m"; the last `guidance_stop` steps run the conditional branch only.
+        (20 steps below 0.05 bpp, 5 at or above; guidance 3.0). `sampler` defaults to the model's
+        scheduler: "ddim" (the PerCo (SD) reference; or "dpmpp2m") for a beta schedule, "flow-euler" for
+        flow matching. The last `guidance_stop` steps run the conditional branch only.
         """
         return self.decompress_batch([data], steps, guidance, sampler, guidance_stop, progress)[0]
 
@@ -169,7 +170,7 @@ class Codec:
         datas: list,
         steps: Optional[int] = None,
         guidance: Optional[float] = None,
-        sampler: str = "ddim",
+        sampler: Optional[str] = None,
         guidance_stop: int = 0,
         progress: bool = False,
     ) -> list:
@@ -223,7 +224,7 @@ class Codec:
                 else:  # guidance stopped: the conditional branch alone, half the work
                     out = self._run("denoiser", sample=latent, timestep=np.full(batch, step_t, dtype=np.float32),
                                     text_embeddings=cond, local_features=local)["model_output"]
-                latent = schedule.step(out, int(step_t), latent)
+                latent = schedule.step(out, step_t, latent)
         with t.stage("vae_decode"):
             image = self._decode_latent(latent)  # [B, 3, 8h, 8w]
         with t.stage("postprocess"):

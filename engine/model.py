@@ -15,7 +15,7 @@ from typing import Optional
 
 from perco.engine.bitstream import StreamSpec
 from perco.engine.errors import ModelError
-from perco.engine.sampling import NoiseSchedule
+from perco.engine.sampling import NoiseSchedule, schedule_from_config
 from perco.engine.text import TokenLayout
 
 FAMILY = "perco-sd"
@@ -193,8 +193,9 @@ class ModelSpec:
     sizes: Optional[NetworkSizes] = None  # for the decode size limit; None in exports made before it
 
     @cached_property
-    def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_config(self.scheduler_config)
+    def schedule(self):
+        """The NoiseSchedule or FlowSchedule of the scheduler config (by its `_class_name`)."""
+        return schedule_from_config(self.scheduler_config)
 
     @property
     def default_steps(self) -> int:
@@ -269,7 +270,9 @@ class ModelInfo:
         if self.rate.grid not in (8, 16, 32, 64):
             raise ModelError(f"{self.folder / 'hyper_enc/config.json'}: cfg_ss (token grid) must be 8, 16, 32 or 64, "
                              f"got {self.rate.grid}")
-        NoiseSchedule.from_config(self.scheduler_config)  # refuse unsupported schedulers early
+        if not isinstance(schedule_from_config(self.scheduler_config), NoiseSchedule):  # refuse unsupported ones early
+            raise ModelError(f"{self.folder / SCHEDULER_CONFIG}: PerCo (SD) is a diffusion model and needs a beta "
+                             f"schedule (e.g. DDIMScheduler), not {self.scheduler_config.get('_class_name')}")
         self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
         self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
 

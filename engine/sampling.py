@@ -1,8 +1,13 @@
 """Samplers in numpy: timestep schedules and update rules, shared by every backend.
 
-`DDIM` reproduces diffusers' `DDIMScheduler` (eta = 0) and `DPMSolverPP2M` diffusers'
-`DPMSolverMultistepScheduler` (DPM-Solver++, order 2, midpoint, final sigma 0) from the same
-scheduler config; tests/test_sampling_noise.py checks the timesteps and every update against
+A model's scheduler config is read by its `_class_name` (`schedule_from_config`): the
+beta-schedule classes of diffusion models give a `NoiseSchedule`, the rectified-flow
+`FlowMatchEulerDiscreteScheduler` a `FlowSchedule`, and any other class is refused by name.
+
+`DDIM` reproduces diffusers' `DDIMScheduler` (eta = 0), `DPMSolverPP2M` diffusers'
+`DPMSolverMultistepScheduler` (DPM-Solver++, order 2, midpoint, final sigma 0), and
+`FlowMatchEuler` diffusers' `FlowMatchEulerDiscreteScheduler` (shift from the config, float
+timesteps and sigmas); tests/test_sampling_noise.py checks the timesteps and every update against
 diffusers. A sampler has `timesteps` and `step(model_output, t, sample) -> previous sample`,
 works on any batch, and starts from unit-variance noise.
 """
@@ -15,6 +20,53 @@ import numpy as np
 from perco.engine.errors import ModelError
 
 
+# diffusers scheduler classes whose configs describe a beta (DDPM) noise schedule; any of them can be
+# sampled with DDIM or DPM-Solver++, which read only that schedule from the config
+BETA_SCHEDULERS = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
+})
+FLOW_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler"})
+
+
+def schedule_from_config(config: dict):
+    """NoiseSchedule or FlowSchedule by the config's `_class_name` (absent: a beta schedule, diffusers'
+    default); ModelError naming any other class."""
+    name = config.get("_class_name")
+    if name is None or name in BETA_SCHEDULERS:
+        return NoiseSchedule.from_config(config)
+    if name in FLOW_SCHEDULERS:
+        return FlowSchedule.from_config(config)
+    raise ModelError(f"scheduler class {name!r} is not supported (beta schedules: {', '.join(sorted(BETA_SCHEDULERS))}; "
+                     f"flow matching: {', '.join(sorted(FLOW_SCHEDULERS))})")
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """A rectified-flow schedule: x_sigma = (1 - sigma) x_0 + sigma noise, sigmas shifted by `shift`."""
+
+    num_train_timesteps: int
+    shift: float
+    default_sampler = "flow-euler"
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FlowSchedule":
+        for option in ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
+                       "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"):
+            if config.get(option):
+                raise ModelError(f"scheduler option {option}={config[option]!r} is not supported")
+        n, shift = config.get("num_train_timesteps", 1000), config.get("shift", 1.0)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000:
+            raise ModelError(f"scheduler num_train_timesteps must be an integer in 1..100000, got {n!r}")
+        if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift <= 1000:
+            raise ModelError(f"scheduler shift must be a number in (0, 1000], got {shift!r}")
+        return cls(n, float(shift))
+
+    def shifted(self, sigmas: np.ndarray) -> np.ndarray:
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The training noise schedule of a diffusion model (from its scheduler_config.json)."""
@@ -25,6 +77,8 @@ class NoiseSchedule:
     steps_offset: int
     final_alpha_cumprod: float
     explicit_spacing: Optional[str] = None  # timestep_spacing as written in the config, if it is
+    default_sampler = "ddim"
+
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
@@ -152,12 +206,49 @@ class DPMSolverPP2M:
         return prev.astype(np.float32)
 
 
-SAMPLERS = {"ddim": DDIM, "dpmpp2m": DPMSolverPP2M}
+class FlowMatchEuler:
+    """Euler steps of a rectified flow over a `FlowSchedule`, as diffusers' FlowMatchEulerDiscreteScheduler.
+
+    The model predicts the velocity (noise - x_0); a step is x + (sigma_next - sigma) * velocity, in
+    float32 like diffusers. Timesteps (sigma * num_train_timesteps) are floats; the last sigma is 0.
+    """
+
+    def __init__(self, schedule: FlowSchedule, steps: int):
+        n = schedule.num_train_timesteps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must be in 1..{n}, got {steps}")
+        # diffusers: shifted training sigmas give sigma_max and sigma_min (float32), the inference sigmas
+        # are a float64 linspace between them, shifted again, then float32
+        train = schedule.shifted(np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n))
+        sigma_max, sigma_min = float(train[0]), float(train[-1])
+        sigmas = schedule.shifted(np.linspace(sigma_max * n, sigma_min * n, steps) / n).astype(np.float32)
+        self.schedule, self.steps = schedule, steps
+        self.timesteps = sigmas * np.float32(n)  # float32, as the denoiser receives them
+        self._sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+        self._index = 0
+
+    def step(self, model_output: np.ndarray, t, sample: np.ndarray) -> np.ndarray:
+        i = self._index
+        if i >= self.steps or float(self.timesteps[i]) != float(t):
+            raise ValueError(f"flow-matching Euler steps must follow its timesteps; got t={t} at step {i}")
+        self._index += 1
+        dt = self._sigmas[i + 1] - self._sigmas[i]  # float32
+        return (sample.astype(np.float32) + dt * model_output.astype(np.float32)).astype(np.float32)
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, steps: int):
+SAMPLERS = {"ddim": DDIM, "dpmpp2m": DPMSolverPP2M, "flow-euler": FlowMatchEuler}
+_SCHEDULE_KINDS = {"ddim": "NoiseSchedule", "dpmpp2m": "NoiseSchedule", "flow-euler": "FlowSchedule"}
+
+
+def make_sampler(name: Optional[str], schedule, steps: int):
+    """Sampler `name` (None: the schedule's default) over `schedule`; ValueError if it does not fit."""
+    name = name or schedule.default_sampler
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    if type(schedule).__name__ != _SCHEDULE_KINDS[name]:
+        fits = [n for n, kind in _SCHEDULE_KINDS.items() if kind == type(schedule).__name__]
+        raise ValueError(f"sampler {name!r} does not fit this model's {type(schedule).__name__}; use "
+                         f"{' or '.join(fits)}")
     return SAMPLERS[name](schedule, steps)
 
 

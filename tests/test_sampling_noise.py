@@ -88,3 +88,61 @@ def test_noise_is_pinned_and_standard_normal():
 
 
 PINNED_SEED0 = [-0.11777672916650772, 0.9424543380737305, 2.514159679412842, 0.2620285153388977, 0.5487430691719055]
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+@pytest.mark.parametrize("steps", [1, 4, 20, 28])
+def test_flow_match_euler_matches_diffusers(shift, steps):
+    """Timesteps, sigmas and every update bit for bit against FlowMatchEulerDiscreteScheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from perco.engine.sampling import FlowMatchEuler, schedule_from_config
+
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
+    ours = make_sampler(None, schedule_from_config(config), steps)
+    assert isinstance(ours, FlowMatchEuler)
+    theirs = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if k != "_class_name"})
+    theirs.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
+    np.testing.assert_array_equal(ours._sigmas, theirs.sigmas.numpy())
+    rng = np.random.default_rng(steps)
+    x_ours = rng.standard_normal((2, 16, 8, 6)).astype(np.float32)
+    x_theirs = torch.from_numpy(x_ours.copy())
+    for t in ours.timesteps:
+        out = np.tanh(x_ours * 0.7 + t / 1000.0).astype(np.float32)  # any smooth "velocity"
+        x_ours = ours.step(out, t, x_ours)
+        x_theirs = theirs.step(torch.from_numpy(out), torch.tensor(t), x_theirs).prev_sample
+        np.testing.assert_array_equal(x_ours, x_theirs.numpy())
+
+
+def test_scheduler_classes_are_dispatched_by_name():
+    from perco.engine.errors import ModelError
+    from perco.engine.sampling import FlowSchedule, schedule_from_config
+
+    assert isinstance(schedule_from_config(SD21_SCHEDULER), NoiseSchedule)
+    flow = schedule_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    assert isinstance(flow, FlowSchedule) and flow.shift == 3.0
+    with pytest.raises(ModelError, match="'LCMScheduler' is not supported"):
+        schedule_from_config(dict(SD21_SCHEDULER, _class_name="LCMScheduler"))
+    with pytest.raises(ModelError, match="use_dynamic_shifting"):
+        schedule_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
+    with pytest.raises(ValueError, match="use flow-euler"):
+        make_sampler("ddim", flow, 4)
+    with pytest.raises(ValueError, match="use ddim or dpmpp2m"):
+        make_sampler("flow-euler", schedule_from_config(SD21_SCHEDULER), 4)
+
+
+def test_perco_sd_refuses_a_flow_matching_scheduler(tiny_model, tmp_path):
+    """SD3's scheduler config in a PerCo (SD) folder is an error, not a misread beta schedule."""
+    import json
+    import shutil
+
+    from perco.engine.errors import ModelError
+    from perco.engine.model import ModelInfo
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_model, bad)
+    (bad / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    with pytest.raises(ModelError, match="needs a beta schedule"):
+        ModelInfo(bad)
