@@ -48,7 +48,7 @@ def measure(model: str, backends: list, sizes: list, steps: int) -> list:
     from perco.engine import limits
     from perco.engine.model import ModelInfo
 
-    spec = ModelInfo(model).spec
+    spec = ModelInfo.open(model).spec
     rows = []
     for backend in backends:
         memory = limits.backend_memory(backend)

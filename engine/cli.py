@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from perco.engine import plugins
 from perco.engine.errors import PercoError, UsageError
-from perco.engine.model import RATES
 
+COMMAND_GROUP = "perco.commands"  # entry points adding verbs: name -> add_commands(subparsers) -> {verb: handler}
 DEFAULT_BACKEND = "torch"  # without --backend: the backend --artifacts was made for, else this
 MAX_BITSTREAM_BYTES = 16 << 20  # a valid bitstream is far smaller (16384 x 16384 at the finest grid: < 7 MB)
 
@@ -95,97 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend whose decode limit to check (default: as for decompress)")
     p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH", help="a decode limit to check instead")
 
-    p = sub.add_parser("init-tiny", help="write a tiny random model in the real folder layout",
-                       description="Write a tiny, seeded, randomly initialised PerCo (SD) model in exactly the "
-                                   "released folder layout (for tests and the demo; its pixels are meaningless).")
-    p.add_argument("dir", metavar="DIR", help="folder to create (must not exist or be empty)")
-    p.add_argument("--rate", default="0.0313", metavar="BPP",
-                   help="rate preset whose token grid and codebook to keep, one of " + ", ".join(
-                       f"{r} (grid {g}, {k} codes)" for r, (g, k) in RATES.items()) + " (default: %(default)s)")
-    p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="weight seed (default: 0)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="CLIP tokenizer folder to copy (transformers format); default: a small built-in one")
-    p.add_argument("--full-size", action="store_true",
-                   help="SD 2.1 dimensions instead of tiny ones (about 5 GB of random weights), for export "
-                        "and speed measurements")
-
-    p = sub.add_parser("export", help="export every network to ONNX (+ manifest)",
-                       description="Export each network of a model to an optimized ONNX graph with dynamic batch "
-                                   "and image size, plus manifest.json. An unchanged re-run reuses the files.")
-    _model_arg(p)
-    p.add_argument("-o", "--output", required=True, metavar="ARTIFACTS", help="artifacts folder")
-    p.add_argument("--opset", type=_positive, default=18, metavar="N", help="ONNX opset (default: %(default)s)")
-    p.add_argument("--batch-max", type=_positive, default=4, metavar="B",
-                   help="largest batch recorded in the profile (default: %(default)s)")
-    p.add_argument("--height", type=_range, default=(64, 512, 1024), metavar="MIN:OPT:MAX",
-                   help="padded image height range in pixels (default: 64:512:1024)")
-    p.add_argument("--width", type=_range, default=(64, 512, 1024), metavar="MIN:OPT:MAX",
-                   help="padded image width range in pixels (default: 64:512:1024)")
-
-    p = sub.add_parser("check", help="parity of exported graphs against torch",
-                       description="Run every exported graph on ONNX Runtime (CPU) and the torch module on the "
-                                   "same seeded inputs; print the max error relative to max |torch output|.")
-    _model_arg(p)
-    p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts folder from 'perco export'")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default: 1e-4)")
-
-    p = sub.add_parser("build", help="build TensorRT engines from exported graphs",
-                       description="Build one TensorRT (or TensorRT-RTX) engine per exported graph, with an "
-                                   "optimization profile from the manifest or the flags. Engines are cached by a "
-                                   "content key (graph, precision, profile, flavor, targets).")
-    p.add_argument("--artifacts", required=True, metavar="ART", help="artifacts folder from 'perco export'")
-    p.add_argument("-o", "--output", required=True, metavar="ENGINES", help="engines folder")
-    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
-                   help="engine precision (default: %(default)s)")
-    p.add_argument("--flavor", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
-                   help="auto: full TensorRT if installed, else TensorRT-RTX (default)")
-    p.add_argument("--batch", type=_range, default=None, metavar="MIN:OPT:MAX", help="batch range (images)")
-    p.add_argument("--height", type=_range, default=None, metavar="MIN:OPT:MAX", help="padded height range (px)")
-    p.add_argument("--width", type=_range, default=None, metavar="MIN:OPT:MAX", help="padded width range (px)")
-    p.add_argument("--target-cc", default="", metavar="CC[,CC]",
-                   help="TensorRT-RTX compute capabilities to build for, e.g. 86,89 (default: the flavor's)")
-    p.add_argument("--refittable", action="store_true",
-                   help="engines that can take another rate's weights in place (another cache key)")
-    p.add_argument("--plan", action="store_true", help="print what would be built, build nothing")
-
-    p = sub.add_parser("quantize", help="INT8/FP8 Q/DQ graphs, calibrated and validated",
-                       description="Write a complete artifacts folder whose text encoder, VAE and denoiser are "
-                                   "explicitly quantized (Q/DQ) graphs, calibrated by running the FP32 graphs on "
-                                   "images, and report each graph's error against FP32 on ONNX Runtime CPU.")
-    p.add_argument("--artifacts", required=True, metavar="ART", help="FP32 artifacts from 'perco export'")
-    p.add_argument("-o", "--output", required=True, metavar="QART", help="folder for the quantized artifacts")
-    p.add_argument("--precision", default="int8", choices=["int8", "fp8"], help="(default: %(default)s)")
-    p.add_argument("--calibration", default=None, metavar="DIR",
-                   help="calibration images (PNG/JPEG); default: the built-in sample and seeded images")
-    p.add_argument("--count", type=_positive, default=4, help="calibration images to use (default: %(default)s)")
-    p.add_argument("--graphs", default="text_encoder,denoiser", metavar="G[,G]",
-                   help="graphs to quantize, of text_encoder, vae_encoder, denoiser, vae_decoder (default: "
-                        "%(default)s; the others stay float and build as FP16 engines)")
-    p.add_argument("--size", default=None, metavar="WxH",
-                   help="calibration image size in pixels (default: the export profile's opt size; smaller "
-                        "needs less memory)")
-    p.add_argument("--keep-float", default="", metavar="NAME[,NAME]",
-                   help="more layers to leave unquantized: fragments of their ONNX node names, e.g. "
-                        "/down_blocks.0/ (attention products and boundary layers always stay float)")
-
-    p = sub.add_parser("bench", help="latency and throughput, backends side by side",
-                       description="Per-stage latency, end-to-end decode and throughput of each backend on the "
-                                   "same bitstreams; JSON, markdown and a PNG plot. --smoke: tiny model, seconds.")
-    _model_arg(p, required=False)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes and steps (what CI runs)")
-    p.add_argument("--backends", default="torch,onnxruntime",
-                   help="comma-separated, of torch, onnxruntime, tensorrt (default: %(default)s)")
-    p.add_argument("--artifacts", default=None, metavar="DIR",
-                   help="exported graphs for onnxruntime (default: --model exported into the cache)")
-    p.add_argument("--engines", default=None, metavar="DIR", help="engines for tensorrt (from 'perco build')")
-    p.add_argument("--sizes", default="512x512,768x512", help="WxH list (default: %(default)s)")
-    p.add_argument("--steps", default="1,5,20", help="step counts for latency (default: %(default)s)")
-    p.add_argument("--batches", default="1,2,4,8,16,32", help="batch sizes for throughput (default: %(default)s)")
-    p.add_argument("--throughput-steps", default="5,20", help="step counts for throughput (default: %(default)s)")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed repeats (default: %(default)s)")
-    p.add_argument("--out", default="benchmarks/results/bench", metavar="PATH",
-                   help="output path without suffix (default: %(default)s)")
-
     p = sub.add_parser("demo", help="compress and decompress a sample image with the bundled tiny model",
                        description="Compress and decompress a generated sample image, write a side-by-side "
                                    "PNG and print the rate and stage timings. The bundled model has random "
@@ -196,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=None, metavar="N", help="denoising steps")
     _backend_arg(p)
     _quiet_arg(p)
+    parser.handlers = dict(COMMANDS)
+    for name in plugins.names(COMMAND_GROUP):  # the torch-side verbs (perco.export.cli), when installed
+        add_commands = plugins.find(COMMAND_GROUP, name)
+        if add_commands is not None:
+            parser.handlers.update(add_commands(sub))
     return parser
 
 
@@ -252,29 +167,6 @@ def _pixels(text: str) -> int:
         return parse_max_pixels(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _range(text: str) -> tuple:
-    try:
-        values = tuple(int(v) for v in text.split(":"))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX, got {text!r}")
-    return values
-
-
-def _size(text):
-    """'WxH' -> (W, H), or None."""
-    if text is None:
-        return None
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--size takes WxH in pixels, e.g. 256x256, got {text!r}") from None
-    if width <= 0 or height <= 0:
-        raise UsageError(f"--size must be positive, got {text!r}")
-    return width, height
 
 
 def _uint64(text: str) -> int:
@@ -468,19 +360,11 @@ def _spec_and_manifest(model, artifacts):
     from perco.engine.model import ModelInfo
 
     if not artifacts:
-        return ModelInfo(model).spec, None
+        return ModelInfo.open(model).spec, None
     folder = Path(artifacts)
     if not (folder / MANIFEST).is_file() and (folder / ENGINES_MANIFEST).is_file():
         return spec_from_engines(folder)
     return spec_from_artifacts(folder)
-
-
-def cmd_init_tiny(args) -> None:
-    from perco.engine.demo import init_tiny
-
-    folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer, full_size=args.full_size)
-    size = "full-size" if args.full_size else "tiny"
-    print(f"wrote {size} random model (rate {args.rate}, seed {args.seed}) to {folder}")
 
 
 def cmd_demo(args) -> None:
@@ -490,96 +374,7 @@ def cmd_demo(args) -> None:
         run_demo(args, codec)
 
 
-def cmd_build(args) -> None:
-    try:
-        from perco.export import build as trt_build
-    except ImportError as exc:
-        raise PercoError(f"build needs {exc.name}: pip install 'perco-engine[export]'") from None
-    overrides = {k: getattr(args, k) for k in ("batch", "height", "width") if getattr(args, k)}
-    try:
-        target_cc = tuple(int(v) for v in args.target_cc.split(",") if v)
-    except ValueError:
-        raise PercoError(f"--target-cc takes numbers like 86,89, got {args.target_cc!r}") from None
-    if args.plan:
-        for row in trt_build.plan(args.artifacts, args.precision, args.flavor, overrides, target_cc, args.output,
-                                  args.refittable):
-            state = row["unsupported"] or ("cached" if row["cached"] else "to build")
-            print(f"{row['graph']:15s} {row['precision']:5s} {row['flavor']:24s} weights "
-                  f"{row['weights_bytes'] / 2**20:9.1f} MiB  max {row['max_shapes']}  [{state}]")
-        return
-    trt_build.build(args.artifacts, args.output, args.precision, args.flavor, overrides, target_cc,
-                    log=lambda text: print(text, file=sys.stderr), refittable=args.refittable)
-
-
-def cmd_quantize(args) -> None:
-    try:
-        from perco.export.quantize import quantize
-    except ImportError as exc:
-        raise PercoError(f"quantize needs {exc.name}: pip install 'perco-engine[export]'") from None
-    report = quantize(args.artifacts, args.output, args.precision, args.calibration, args.count,
-                      log=lambda text: print(text, file=sys.stderr), graphs=tuple(args.graphs.split(",")),
-                      keep_float=tuple(v for v in args.keep_float.split(",") if v), size=_size(args.size))
-    for name, r in report.items():
-        print(f"{name:15s} {args.precision} vs fp32: max rel error {r['value']:.3e}, rms rel error {r['rms_rel_error']:.3e}")
-
-
-def cmd_bench(args) -> None:
-    try:
-        from perco.benchmarks.harness import BenchConfig, run, smoke_config
-    except ImportError as exc:
-        raise PercoError(f"perco bench needs {exc.name}: pip install 'perco-engine[export]'") from None
-    from perco.engine.demo import default_model
-
-    model = args.model or str(default_model(progress=True))
-    try:
-        if args.smoke:
-            config = smoke_config(model, args.out)
-        else:
-            config = BenchConfig(
-                model=model, backends=args.backends.split(","), repeats=args.repeats, out=args.out,
-                artifacts=args.artifacts, engines=args.engines,
-                sizes=[tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")],
-                steps=[int(v) for v in args.steps.split(",")], batches=[int(v) for v in args.batches.split(",")],
-                throughput_steps=[int(v) for v in args.throughput_steps.split(",")])
-    except ValueError:
-        raise PercoError("--sizes takes WxH[,WxH...]; --steps, --batches, --throughput-steps take N[,N...]") from None
-    run(config, log=lambda text: print(text, file=sys.stderr))
-    print(f"wrote {args.out}.json, {args.out}.md")
-
-
-def _export_module():
-    try:
-        import perco.export.onnx as module
-    except ImportError as exc:
-        raise PercoError(f"export needs {exc.name}: pip install 'perco-engine[export]'") from None
-    return module
-
-
-def cmd_export(args) -> None:
-    onnx_export = _export_module()
-    from perco.export.graphs import Profile
-
-    profile = Profile(batch=(1, 1, args.batch_max), height=args.height, width=args.width)
-    onnx_export.export_model(args.model, args.output, opset=args.opset, profile=profile,
-                             log=lambda text: print(text, file=sys.stderr))
-
-
-def cmd_check(args) -> None:
-    report = _export_module().parity(args.model, args.artifacts)
-    failed = []
-    for name, result in report.items():
-        value = result.get("max_rel_error", result.get("mismatch_fraction"))
-        ok = value <= (args.tolerance if "max_rel_error" in result else 0.0)
-        failed += [] if ok else [name]
-        print(f"{name:15s} {'max rel error' if 'max_rel_error' in result else 'index mismatch'} "
-              f"{value:.3e}  {'ok' if ok else 'FAIL'}")
-    if failed:
-        raise PercoError(f"parity check failed for: {', '.join(failed)}")
-
-
-COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info,
-            "init-tiny": cmd_init_tiny, "demo": cmd_demo, "export": cmd_export, "check": cmd_check,
-            "bench": cmd_bench, "build": cmd_build, "quantize": cmd_quantize}
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
@@ -592,7 +387,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        COMMANDS[args.command](args)
+        parser.handlers[args.command](args)
     except PercoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

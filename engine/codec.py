@@ -75,7 +75,7 @@ class Codec:
         """
         host_memory = available_memory()  # before the weights load: the estimate counts them itself
         spec, runner = open_backend(backend, folder, artifacts, progress)
-        memory = backend_memory(runner.name, getattr(runner, "max_size", None), host_memory)
+        memory = backend_memory(runner.name, runner.max_size, host_memory)
         return cls(spec, runner, decode_limit(spec.sizes, memory, max_pixels))
 
     @property
@@ -88,9 +88,7 @@ class Codec:
 
     def close(self) -> None:
         """Release the backend's resources (device memory; TensorRT-RTX saves its runtime cache)."""
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     def __enter__(self) -> "Codec":
         return self

@@ -1,14 +1,17 @@
-"""The bundled default model (tiny, random, made on first use), the sample image, and `perco demo`."""
+"""The bundled default model (tiny, random, made on first use), the sample image, and `perco demo`.
+
+The model is written by `perco init-tiny`'s code on the torch side (the `init_tiny` hook of
+`perco-engine[export]`, see `perco.engine.plugins`); once in the cache, the runtime alone uses it.
+"""
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from perco.engine.errors import ModelError, PercoError
+from perco.engine import plugins
+from perco.engine.errors import PercoError
 
 DEMO_RATE = "0.0313"
 DEMO_SEED = 0
@@ -23,31 +26,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=None, full_size: bool = False) -> Path:
-    """Write a tiny (or full-size) random model to `folder` atomically (a temporary sibling, then a rename)."""
-    try:
-        from perco.export.models.perco_sd import PRESETS, rate_key, write_model_folder
-    except ImportError as exc:
-        raise PercoError(f"init-tiny needs {exc.name}: pip install 'perco-engine[export]'") from None
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise PercoError(f"{folder} already exists and is not an empty folder")
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise ModelError(f"tokenizer folder {tokenizer} does not exist")
-    config = PRESETS[rate_key(rate) if full_size else f"tiny-{rate_key(rate)}"]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write_model_folder(config, tmp, seed=seed, tokenizer_dir=tokenizer)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
 def default_model_folder() -> Path:
     return cache_dir() / f"tiny-{DEMO_RATE}-seed{DEMO_SEED}-v{_CACHE_VERSION}"
 
@@ -56,9 +34,10 @@ def default_model(progress: bool = True) -> Path:
     """The bundled default model: a tiny seeded model in the cache, created on first use."""
     folder = default_model_folder()
     if not folder.is_dir():
+        init_tiny = plugins.load("perco.hooks", "init_tiny", "the bundled tiny model (made on first use)")
         if progress:
             print(f"creating the bundled tiny model in {folder} (first use) ...", file=sys.stderr)
-        init_tiny(folder)
+        init_tiny(folder, rate=DEMO_RATE, seed=DEMO_SEED)
     return folder
 
 

@@ -40,3 +40,7 @@ class DecodeLimitError(PercoError):
 
 class BackendError(PercoError):
     """A backend is unknown or its optional dependencies are not installed."""
+
+
+class ExtensionError(BackendError):
+    """Something the command needs lives in an extension (e.g. the export extra) that is not installed."""

@@ -7,6 +7,7 @@ model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, hyper_enc/
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -249,7 +250,27 @@ class ModelSpec:
 
 
 class ModelInfo:
-    """A model folder read without torch: file checks, configs, and its `ModelSpec`."""
+    """A model folder read without torch: file checks, configs, and its `ModelSpec`.
+
+    `ModelInfo.open(folder)` returns one object per folder state, so a command that opens a model
+    in several places reads its configs and hashes its fingerprint once.
+    """
+
+    _opened: dict = {}  # (real path, file states) -> ModelInfo
+
+    @classmethod
+    def open(cls, folder) -> "ModelInfo":
+        folder = Path(folder)
+        try:
+            key = (os.path.realpath(folder), _folder_state(folder))
+        except OSError:  # missing or unreadable: let the constructor say what is wrong
+            return cls(folder)
+        info = cls._opened.get(key)
+        if info is None:
+            if len(cls._opened) >= 8:
+                cls._opened.clear()
+            info = cls._opened[key] = cls(folder)
+        return info
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -323,3 +344,10 @@ class ModelInfo:
     @property
     def stream_spec(self) -> StreamSpec:
         return self.spec.stream_spec
+
+
+def _folder_state(folder: Path) -> tuple:
+    """(name, size, mtime) of every file a ModelInfo reads: a changed file is a new state."""
+    files = [f"{name}/{f}" for name, pair in COMPONENTS.items() for f in pair]
+    files += [SCHEDULER_CONFIG] + [f"tokenizer/{f}" for f in TOKENIZER_FILES]
+    return tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(folder / f)])

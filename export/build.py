@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -531,3 +532,17 @@ def _atomic_bytes(path: Path, data) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def build_into_cache(model_dir, progress: bool) -> Path:
+    """FP16 engines of `model_dir` in the cache, exported and built there first if needed (the
+    `build_into_cache` hook: the tensorrt backend given only a model folder)."""
+    from perco.engine.demo import cache_dir
+    from perco.engine.model import ModelInfo
+    from perco.export.onnx import export_into_cache
+
+    artifacts = export_into_cache(model_dir, progress)
+    folder = cache_dir() / "engines" / f"{ModelInfo.open(model_dir).fingerprint.hex()}-fp16"
+    build(artifacts, folder, "fp16", "auto", log=(lambda text: print(text, file=sys.stderr)) if progress
+          else (lambda text: None))
+    return folder

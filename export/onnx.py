@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -64,7 +65,7 @@ def check_profile(profile: Profile, pad_multiple: int) -> None:
 
 def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profile = Profile(), log=print) -> Path:
     """Export every graph of GRAPHS; return the manifest path. Reuses an identical earlier export."""
-    info = ModelInfo(model_dir)
+    info = ModelInfo.open(model_dir)
     check_profile(profile, info.pad_multiple)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +212,7 @@ def parity(model_dir, artifacts, seed: int = 0) -> dict:
     """Each exported graph vs the torch module on seeded inputs: max error relative to max |reference|."""
     import onnxruntime as ort
 
-    info = ModelInfo(model_dir)
+    info = ModelInfo.open(model_dir)
     manifest = read_manifest(artifacts, verify=False)
     if manifest["model"]["fingerprint"] != info.fingerprint.hex():
         raise ModelError("artifacts were exported from another model")
@@ -233,3 +234,14 @@ def parity(model_dir, artifacts, seed: int = 0) -> dict:
             err = float(np.abs(actual - reference).max() / max(float(np.abs(reference).max()), 1e-12))
             report[name] = {"max_rel_error": err}
     return report
+
+
+def export_into_cache(model_dir, progress: bool) -> Path:
+    """The artifacts of `model_dir` in the cache, exported there first if needed (the `export_into_cache`
+    hook: the onnxruntime backend given only a model folder)."""
+    from perco.engine.demo import cache_dir
+
+    folder = cache_dir() / "artifacts" / ModelInfo.open(model_dir).fingerprint.hex()
+    log = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
+    export_model(model_dir, folder, log=log)
+    return folder

@@ -14,6 +14,9 @@ from perco.export.models.perco_sd import load_model
 
 class TorchBackend:
     name = "torch"
+    device = "cpu"
+    precision = "fp32"
+    max_size = None  # bounded by memory only (perco.engine.limits)
 
     def __init__(self, model: ModelInfo):
         self.graphs = graph_modules(load_model(model), model.scaling_factor)
@@ -23,13 +26,17 @@ class TorchBackend:
         if graph not in self.graphs:
             raise BackendError(f"unknown graph {graph!r}")
         args = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name, _, _ in GRAPHS[graph].inputs]
-        (output_name, _, _), = GRAPHS[graph].outputs
-        return {output_name: self.graphs[graph](*args).numpy()}
+        outputs = self.graphs[graph](*args)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return {name: value.numpy() for (name, _, _), value in zip(GRAPHS[graph].outputs, outputs)}
+
+    def close(self) -> None:
+        self.graphs = {}
 
 
 def open_backend(model_dir, artifacts=None, progress=False):
     """(ModelSpec, TorchBackend) for a model folder; the torch backend needs no artifacts."""
     if model_dir is None:
         raise BackendError("the torch backend needs --model DIR (a PerCo (SD) model folder)")
-    info = ModelInfo(model_dir)
+    info = ModelInfo.open(model_dir)
     return info.spec, TorchBackend(info)

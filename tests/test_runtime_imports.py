@@ -30,3 +30,38 @@ def test_torch_backend_without_torch_is_a_clear_error(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "pip install 'perco-engine[export]'" in proc.stderr, proc.stderr
+
+
+def test_engine_names_no_module_of_the_torch_side():
+    """engine/ imports nothing from perco.export or perco.benchmarks, not even lazily or through
+    importlib: the torch side reaches the runtime only through entry points (perco.engine.plugins)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import perco.engine
+
+    torch_side = re.compile(r"^perco\.(export|benchmarks)(\.|$)")
+    found = []
+    for path in sorted(Path(perco.engine.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value]  # a module name handed to importlib
+            found += [f"{path.name}:{node.lineno}: {n}" for n in names if torch_side.match(n)]
+    assert found == []
+
+
+def test_torch_side_registers_through_entry_points():
+    from perco.engine import plugins
+    from perco.engine.backends import available
+
+    assert "torch" in available() and "torch" in plugins.names("perco.backends")
+    assert {"init_tiny", "export_into_cache", "build_into_cache"} <= set(plugins.names("perco.hooks"))
+    from perco.engine.cli import build_parser
+
+    assert {"init-tiny", "export", "check", "build", "quantize", "bench"} <= set(build_parser().handlers)

@@ -1,45 +1,60 @@
 """Backends run the networks of `perco.engine.graphs.GRAPHS`; everything else is shared numpy.
 
-A backend is any object with a `name` and `run(graph, inputs) -> outputs` over named numpy
-arrays. Backends are registered by name and imported only when asked for, so the runtime
-never imports torch unless the torch backend is chosen.
+A backend implements `Backend`: `run(graph, inputs) -> outputs` over named numpy arrays (every
+output a graph declares), `close()`, and says its `device` and `precision`. The runtime's own
+backends (onnxruntime, tensorrt) are listed here; others, such as the torch reference backend of
+`perco-engine[export]`, register under the `perco.backends` entry point group
+(`perco.engine.plugins`). Each is imported only when asked for, so the runtime never imports
+torch unless the torch backend is chosen.
 """
 
 import importlib
-from typing import Dict, Protocol
+from typing import Dict, Optional, Protocol, Tuple
 
 import numpy as np
 
+from perco.engine import plugins
 from perco.engine.errors import BackendError
 
-# name -> (module with `open_backend(model_dir, artifacts, progress)`, what to install if it is missing)
-_REGISTRY = {
-    "torch": ("perco.export.reference", "pip install 'perco-engine[export]'"),
+# the runtime's own backends: name -> (module with `open_backend(model_dir, artifacts, progress)`, what to install)
+_BUILTIN = {
     "onnxruntime": ("perco.engine.backends.onnxruntime", "pip install onnxruntime (or onnxruntime-gpu)"),
     "tensorrt": ("perco.engine.backends.tensorrt", "pip install tensorrt-rtx cuda-bindings (or NVIDIA's TensorRT)"),
 }
+GROUP = "perco.backends"
 
 
 class Backend(Protocol):
     name: str
+    device: str  # "cpu" or "cuda"
+    precision: str  # what its networks compute in: "fp32", "fp16", "int8", ... ("mixed" for per-graph choices)
+    max_size: Optional[Tuple[int, int]]  # (height, width) of the largest padded image it accepts; None: any
 
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """Run one network of GRAPHS on named float32/int64 arrays."""
+        """Run one network of GRAPHS on named float32/int64 arrays; return every output it declares."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the backend holds (device memory, caches); idempotent."""
         raise NotImplementedError
 
 
 def available() -> list:
-    return sorted(_REGISTRY)
+    return sorted(set(_BUILTIN) | set(plugins.names(GROUP)))
 
 
 def open_backend(name: str, model_dir=None, artifacts=None, progress: bool = False):
     """(ModelSpec, Backend) for backend `name` from a model folder and/or exported artifacts."""
-    if name not in _REGISTRY:
+    if name not in available():
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(available())}")
-    module_name, install = _REGISTRY[name]
+    if name not in _BUILTIN:
+        open_fn = plugins.load(GROUP, name, f"backend {name!r}")
+        try:
+            return open_fn(model_dir, artifacts, progress)
+        except ImportError as exc:
+            raise BackendError(f"backend {name!r} needs {exc.name}: {plugins.EXPORT_EXTRA}") from None
+    module_name, install = _BUILTIN[name]
     try:
-        module = importlib.import_module(module_name)
-        open_fn = module.open_backend
-        return open_fn(model_dir, artifacts, progress)
+        return importlib.import_module(module_name).open_backend(model_dir, artifacts, progress)
     except ImportError as exc:
         raise BackendError(f"backend {name!r} is not installed ({exc.name} missing): {install}") from None

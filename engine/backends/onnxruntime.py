@@ -11,6 +11,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from perco.engine import plugins
 from perco.engine.errors import BackendError, ModelError
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import spec_from_artifacts
@@ -21,6 +22,7 @@ _STEP_CONSTANT_INPUTS = {"text_embeddings", "local_features"}
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    max_size = None  # any size the profile's dynamic axes allow; memory bounds it (perco.engine.limits)
 
     def __init__(self, folder, manifest: dict, providers: Optional[list] = None, io_binding: Optional[bool] = None):
         """`io_binding` defaults to on with the CUDA provider; on with the CPU provider, it runs the
@@ -34,6 +36,8 @@ class OnnxRuntimeBackend:
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
         self.device = "cuda" if self.on_gpu else "cpu"
+        quantized = {g.get("quantized") for g in manifest["graphs"].values()} - {None}
+        self.precision = f"{'/'.join(sorted(quantized))}+fp32" if quantized else "fp32"
         self.io_binding = self.on_gpu if io_binding is None else io_binding
         self._device_inputs = {}  # id(array) -> (array, OrtValue on the device)
         self.uploads = 0  # step-constant inputs copied to the device
@@ -55,18 +59,23 @@ class OnnxRuntimeBackend:
             raise BackendError(f"unknown graph {graph!r}")
         session = self._sessions[graph]
         feed = {name: np.ascontiguousarray(inputs[name]) for name, _, _ in GRAPHS[graph].inputs}
-        (output_name, _, _), = GRAPHS[graph].outputs
+        output_names = [name for name, _, _ in GRAPHS[graph].outputs]
         if not self.io_binding:
-            return {output_name: session.run([output_name], feed)[0]}
+            return dict(zip(output_names, session.run(output_names, feed)))
         binding = session.io_binding()
         for name, array in feed.items():
             if name in _STEP_CONSTANT_INPUTS:
                 binding.bind_ortvalue_input(name, self._on_device(inputs[name]))
             else:
                 binding.bind_cpu_input(name, array)
-        binding.bind_output(output_name, self.device)
+        for name in output_names:
+            binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
-        return {output_name: binding.copy_outputs_to_cpu()[0]}
+        return dict(zip(output_names, binding.copy_outputs_to_cpu()))
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._device_inputs.clear()
 
     def _on_device(self, array: np.ndarray):
         """The device copy of a step-constant input, made once per array object (the codec passes the
@@ -86,25 +95,10 @@ def open_backend(model_dir=None, artifacts=None, progress: bool = False):
     if artifacts is None:
         if model_dir is None:
             raise BackendError("the onnxruntime backend needs --artifacts DIR (from 'perco export') or --model DIR")
+        export_into_cache = plugins.load("perco.hooks", "export_into_cache",
+                                         "the onnxruntime backend without --artifacts (exporting --model first)")
         artifacts = export_into_cache(model_dir, progress)
     spec, manifest = spec_from_artifacts(artifacts)
-    if model_dir is not None and ModelInfo(model_dir).fingerprint != spec.fingerprint:
+    if model_dir is not None and ModelInfo.open(model_dir).fingerprint != spec.fingerprint:
         raise ModelError(f"artifacts in {artifacts} were exported from another model than {model_dir}")
     return spec, OnnxRuntimeBackend(artifacts, manifest)
-
-
-def export_into_cache(model_dir, progress: bool) -> Path:
-    """The artifacts of `model_dir` in the cache, exported there first if needed (needs torch)."""
-    from perco.engine.demo import cache_dir
-
-    try:
-        from perco.export.onnx import export_model
-    except ImportError as exc:
-        raise BackendError(
-            f"exporting ONNX graphs needs {exc.name} (pip install 'perco-engine[export]'), "
-            "or pass --artifacts DIR with graphs exported elsewhere"
-        ) from None
-    folder = cache_dir() / "artifacts" / ModelInfo(model_dir).fingerprint.hex()
-    log = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
-    export_model(model_dir, folder, log=log)
-    return folder

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from perco.engine import plugins
 from perco.engine.errors import BackendError, ModelError
 from perco.engine.graphs import GRAPHS
 
@@ -193,12 +194,14 @@ class _Engine:
 
 class TensorRTBackend:
     name = "tensorrt"
+    device = "cuda"
 
     def __init__(self, folder, manifest: dict, cuda=None, trt=None, cuda_graphs: bool = True, log=None):
         from perco.engine.cuda import open_cuda
 
         self.folder, self.manifest = Path(folder), manifest
         self.max_size = profile_size(manifest)  # (height, width): larger images are outside every profile
+        self.precision = manifest.get("precision", "mixed")
         self.flavor = manifest.get("flavor", "")
         if trt is None and self.flavor in FLAVOR_MODULES:
             trt = import_flavor(self.flavor)
@@ -333,6 +336,8 @@ class TensorRTBackend:
                 pass
         for e in self.engines.values():
             e.release()
+        self.engines = {}
+        self._runtime_cache = None
         if self._scratch:
             self.cuda.free(self._scratch)
             self._scratch = 0
@@ -365,9 +370,11 @@ def open_backend(model_dir=None, artifacts=None, progress: bool = False):
         if model_dir is None:
             raise BackendError("the tensorrt backend needs --artifacts ENGINES (a folder from 'perco build') "
                                "or --model DIR")
-        artifacts = _built(model_dir, progress)
+        build_into_cache = plugins.load("perco.hooks", "build_into_cache",
+                                        "the tensorrt backend without --artifacts (building --model first)")
+        artifacts = build_into_cache(model_dir, progress)
     spec, manifest = spec_from_engines(artifacts)
-    if model_dir is not None and ModelInfo(model_dir).fingerprint != spec.fingerprint:
+    if model_dir is not None and ModelInfo.open(model_dir).fingerprint != spec.fingerprint:
         raise ModelError(f"engines in {artifacts} were built from another model than {model_dir}")
     return spec, TensorRTBackend(artifacts, manifest, cuda=cuda)
 
@@ -392,17 +399,3 @@ def profile_size(manifest: dict):
     if not sides:
         return None
     return tuple(8 * min(int(side[i]) for side in sides) for i in (0, 1))
-
-
-def _built(model_dir, progress: bool) -> Path:
-    from perco.engine.backends.onnxruntime import export_into_cache
-    from perco.engine.demo import cache_dir
-    from perco.engine.model import ModelInfo
-
-    artifacts = export_into_cache(model_dir, progress)
-    from perco.export.build import build  # importable wherever the export above was
-
-    folder = cache_dir() / "engines" / f"{ModelInfo(model_dir).fingerprint.hex()}-fp16"
-    build(artifacts, folder, "fp16", "auto", log=(lambda text: print(text, file=sys.stderr)) if progress
-          else (lambda text: None))
-    return folder
