@@ -8,12 +8,12 @@ import io
 import os
 import stat
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 
 from perco.engine.errors import ImageError, OutputError
+from perco.engine.files import atomic_write
 
 __all__ = [
     "load_image",
@@ -376,12 +376,6 @@ def check_output(path) -> None:
     _resolve_output(path)
 
 
-def _umask() -> int:
-    old = os.umask(0)
-    os.umask(old)
-    return old
-
-
 def write_output(path, data: bytes) -> None:
     """Write bytes to an output path safely; "-" writes to standard output.
 
@@ -399,28 +393,10 @@ def write_output(path, data: bytes) -> None:
             raise OutputError(f"cannot write standard output: {getattr(exc, 'strerror', None) or exc}") from None
         return
     target, existing = _resolve_output(path)
-    mode = stat.S_IMODE(existing) if existing is not None else 0o666 & ~_umask()
-    folder = os.path.dirname(target) or "."
-    name = os.path.basename(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        atomic_write(target, data, stat.S_IMODE(existing) if existing is not None else None)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
 
 
 def save_image(path, image, format=None) -> None:

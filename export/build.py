@@ -15,7 +15,6 @@ capabilities): an engine is rebuilt exactly when one of them changes.
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Optional
 
 from perco.engine.backends.tensorrt import ENGINES_FORMAT, ENGINES_MANIFEST, import_flavor, make_logger
 from perco.engine.errors import PercoError
+from perco.engine.files import atomic_json, atomic_write, copy_folder
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import file_sha256, read_manifest
 
@@ -356,7 +356,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
                 hint = " (TensorRT-RTX compiles refittable engines on a GPU: build them where one is present)"
             raise PercoError(f"{flavor.name} failed to build {name} at {precision}: "
                              f"{'; '.join(logger.errors[-3:])}{hint}")
-        _atomic_bytes(out / engine_file, memoryview(blob))
+        atomic_write(out / engine_file, memoryview(blob))
         entries[name] = {"file": engine_file, "key": key, "sha256": file_sha256(out / engine_file),
                          "bytes": (out / engine_file).stat().st_size, "onnx": source.name,
                          "onnx_path": str(source.resolve()), "shapes": shapes, "refittable": refittable,
@@ -369,11 +369,11 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
             log(f"    {source.name} vs fp32 on ONNX Runtime CPU: {error['metric']} {error['value']:.2e}")
         del blob, network, parser, config
     if timing_cache is not None:
-        _atomic_bytes(cache_path, memoryview(timing_cache.serialize()))
+        atomic_write(cache_path, memoryview(timing_cache.serialize()))
     result = {"format": ENGINES_FORMAT, "flavor": flavor.name, "version": flavor.version, "precision": precision,
               "target_cc": list(target_cc), "model": manifest["model"], "tokenizer": _copy_tokenizer(artifacts, manifest, out),
               "graphs": entries}
-    _atomic_bytes(out / ENGINES_MANIFEST, (json.dumps(result, indent=1) + "\n").encode())
+    atomic_json(out / ENGINES_MANIFEST, result)
     keep = {e["file"] for e in entries.values()} | {e["onnx"] for e in entries.values()}
     for path in out.iterdir():  # engines of earlier builds of this precision that no manifest names
         if path.suffix == ".engine" and path.name not in keep and f"-{precision}-" in path.name:
@@ -459,11 +459,8 @@ def _progress_monitor(trt, log):
 def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]:
     """Engines folders are self-contained: the tokenizer (for compressing captions) travels with them."""
     name = manifest.get("tokenizer")
-    if not name or (out / name).is_dir():
-        return name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
-    shutil.copytree(artifacts / name, tmp, dirs_exist_ok=True)
-    os.replace(tmp, out / name)
+    if name:
+        copy_folder(artifacts / name, out / name)
     return name
 
 
@@ -520,18 +517,6 @@ def _read_engines(out: Path) -> dict:
         return value if value.get("format") == ENGINES_FORMAT else {}
     except (OSError, ValueError):
         return {}
-
-
-def _atomic_bytes(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_into_cache(model_dir, progress: bool) -> Path:

@@ -14,7 +14,6 @@ import gc
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import onnx
 import torch
 
 from perco.engine.errors import ModelError, PercoError
+from perco.engine.files import atomic_json, copy_folder
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest
 from perco.engine.model import ModelInfo
@@ -90,7 +90,7 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
     entries = {name: entries[name] for name in GRAPHS}
 
     tokenizer = f"tokenizer-{info.fingerprint[:4].hex()}"
-    _copy_tokenizer(info.folder / "tokenizer", out / tokenizer)
+    copy_folder(info.folder / "tokenizer", out / tokenizer)
     manifest = {
         "format": MANIFEST_FORMAT,
         "key": key,
@@ -100,7 +100,7 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
         "tokenizer": tokenizer,
         "graphs": entries,
     }
-    _atomic_json(out / MANIFEST, manifest)
+    atomic_json(out / MANIFEST, manifest)
     _remove_unreferenced(out, manifest)
     log(f"wrote {out / MANIFEST}")
     return out / MANIFEST
@@ -186,19 +186,6 @@ def _optimize(raw: Path) -> dict:
     del graph
     optimized.ir_version = ir_version
     return dict(counts, model=optimized)
-
-
-def _copy_tokenizer(source: Path, target: Path) -> None:
-    target.mkdir(exist_ok=True)
-    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if (source / f).is_file():
-            shutil.copyfile(source / f, target / f)
-
-
-def _atomic_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _remove_unreferenced(out: Path, manifest: dict) -> None:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from perco.engine.errors import PercoError
+from perco.engine.files import atomic_json, copy_folder
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, file_sha256, read_manifest
 from perco.engine.model import ModelSpec
@@ -183,7 +184,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
                                    float_layers=len(excluded))
         report[name] = compare_graphs(artifacts / entry["file"], out / target, check_feeds[name], optimize=False)
         log(f"    {name}: {report[name]['metric']} {report[name]['value']:.3e} vs fp32 (held-out inputs, ORT CPU)")
-    shutil.copytree(artifacts / manifest["tokenizer"], out / manifest["tokenizer"], dirs_exist_ok=True)
+    copy_folder(artifacts / manifest["tokenizer"], out / manifest["tokenizer"])
     new["quantization"] = {"precision": precision,
                            "method": f"QDQ, {method.name} calibration, per-channel symmetric weights, float biases; "
                                      "attention products and boundary layers kept in float",
@@ -191,9 +192,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
                            "calibration": str(calibration) if calibration else "built-in sample + seeded images",
                            "calibration_size": [width, height],
                            "error_vs_fp32": report}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(new, indent=1) + "\n")
-    tmp.replace(out / MANIFEST)
+    atomic_json(out / MANIFEST, new)
     return report
 
 

@@ -5,7 +5,6 @@ installed, with I/O binding: inputs that stay the same across denoising steps (t
 local features) are copied to the GPU once and stay there for the whole loop.
 """
 
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 

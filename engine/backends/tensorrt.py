@@ -20,6 +20,7 @@ import numpy as np
 
 from perco.engine import plugins
 from perco.engine.errors import BackendError, ModelError
+from perco.engine.files import atomic_write
 from perco.engine.graphs import GRAPHS
 
 FLAVOR_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
@@ -331,7 +332,7 @@ class TensorRTBackend:
     def close(self) -> None:
         if self._runtime_cache is not None:  # keep what TensorRT-RTX compiled for the next process
             try:
-                (self.folder / RUNTIME_CACHE).write_bytes(bytes(self._runtime_cache.serialize()))
+                atomic_write(self.folder / RUNTIME_CACHE, bytes(self._runtime_cache.serialize()))
             except OSError:
                 pass
         for e in self.engines.values():

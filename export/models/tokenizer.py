@@ -6,11 +6,11 @@ list, then <|startoftext|> and <|endoftext|>.
 """
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 from perco.engine.errors import ModelError
+from perco.engine.files import copy_folder
 from perco.engine.text import bytes_to_unicode
 
 _WORDS = """
@@ -85,10 +85,7 @@ def copy_tokenizer(source: Path, folder: Path) -> int:
     for name in ("vocab.json", "merges.txt"):
         if not (source / name).is_file():
             raise ModelError(f"tokenizer folder {source} has no {name}")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, folder / name)
+    copy_folder(source, folder, replace=True)
     if not (folder / "tokenizer_config.json").is_file():
         _write_special(folder)
     try:
