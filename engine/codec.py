@@ -25,7 +25,7 @@ from perco.engine.limits import (
     VAE_TILE, VAE_TILE_OVERLAP, DecodeLimit, available_memory, backend_memory, decode_limit, tiles, vae_tiled,
 )
 
-from perco.engine.model import GUIDANCE, LATENT_FACTOR, ModelSpec
+from perco.engine.model import ModelSpec
 from perco.engine.noise import gaussian_noise
 from perco.engine.sampling import guided, make_sampler
 from perco.engine.text import CaptionTokenizer
@@ -62,7 +62,7 @@ class Codec:
         self.limit = limit or DecodeLimit(None)
         self.timings = StageTimings()
         self._tokenizer: Optional[CaptionTokenizer] = None
-        self._uncond_embedding: Optional[np.ndarray] = None
+        self._uncond_embedding: Optional[dict] = None
 
     @classmethod
     def from_pretrained(cls, folder=None, backend: str = "torch", artifacts=None, progress: bool = False,
@@ -190,8 +190,9 @@ class Codec:
         self.check_size(headers[0].width, headers[0].height)
         hints = headers[0].hints
         steps = steps or hints.steps or self.model.default_steps
+        family = self.model.family_def
         if guidance is None:
-            guidance = hints.guidance if hints.guidance is not None else GUIDANCE
+            guidance = hints.guidance if hints.guidance is not None else family.guidance
         check_guidance(guidance)
         try:
             schedule = make_sampler(sampler, self.model.schedule, steps)
@@ -201,15 +202,17 @@ class Codec:
             raise PercoError(f"guidance_stop must be in 0..{steps} (the step count), got {guidance_stop}")
         batch = len(datas)
 
-        with t.stage("text_encode"):
-            cond = self._encode_text([caption for _, caption, _ in decoded])  # [B, 77, D]
-            text = np.concatenate([np.repeat(self._uncond(), batch, axis=0), cond])  # [2B, 77, D]: (uncond, cond)
+        with t.stage("text_encode"):  # the family's text outputs, e.g. {text_embeddings: [B, 77, D]}
+            cond = self._encode_text([caption for _, caption, _ in decoded])
+            uncond = self._uncond()
+            both = {k: np.concatenate([np.repeat(uncond[k], batch, axis=0), v]) for k, v in cond.items()}  # (uncond, cond)
         with t.stage("local_features"):  # once per image, reused by every step
             indices = np.stack([ids for _, _, ids in decoded]).astype(np.int64)  # [B, gh, gw]
             local = self._run("local_features", indices=indices)["local_features"]  # [B, M, h, w]
             local2 = np.concatenate([local, local])  # both guidance branches see the same layout
         h, w = local.shape[2:]
-        latent = np.concatenate([gaussian_noise(hd.seed, (1, 4, h, w)) for hd in headers])  # [B, 4, h, w]
+        noise_shape = (1, family.latent_channels, h, w)
+        latent = np.concatenate([gaussian_noise(hd.seed, noise_shape) for hd in headers])  # [B, C, h, w]
 
         guided_steps = steps - guidance_stop
         with t.stage("denoise"):
@@ -217,16 +220,17 @@ class Codec:
                 if i < guided_steps:
                     out = self._run("denoiser", sample=np.concatenate([latent, latent]),
                                     timestep=np.full(2 * batch, step_t, dtype=np.float32),
-                                    text_embeddings=text, local_features=local2)["model_output"]
+                                    local_features=local2, **both)["model_output"]
                     out = guided(out, guidance)
                 else:  # guidance stopped: the conditional branch alone, half the work
                     out = self._run("denoiser", sample=latent, timestep=np.full(batch, step_t, dtype=np.float32),
-                                    text_embeddings=cond, local_features=local)["model_output"]
+                                    local_features=local, **cond)["model_output"]
                 latent = schedule.step(out, step_t, latent)
         with t.stage("vae_decode"):
-            image = self._decode_latent(latent)  # [B, 3, 8h, 8w]
+            image = self._decode_latent(latent)  # [B, 3, f h, f w]
         with t.stage("postprocess"):
-            assert image.shape[2:] == (LATENT_FACTOR * h, LATENT_FACTOR * w), image.shape
+            f = family.latent_factor
+            assert image.shape[2:] == (f * h, f * w), image.shape
             header = headers[0]
             out_images = [np.ascontiguousarray(from_model_output(image[i : i + 1])[: header.height, : header.width])
                           for i in range(batch)]
@@ -245,7 +249,7 @@ class Codec:
         h, w = latent.shape[2:]
         if not vae_tiled(h, w):
             return self._run("vae_decoder", latent=latent)["image"]
-        f = LATENT_FACTOR
+        f = self.model.family_def.latent_factor
         image = np.zeros((latent.shape[0], 3, f * h, f * w), np.float32)
         total = np.zeros((f * h, f * w), np.float32)
         ys, xs = tiles(h), tiles(w)
@@ -253,16 +257,18 @@ class Codec:
             for x in xs:
                 th, tw = min(VAE_TILE, h), min(VAE_TILE, w)
                 part = self._run("vae_decoder", latent=np.ascontiguousarray(latent[:, :, y : y + th, x : x + tw]))
-                weight = np.outer(_ramp(f * th, y > 0, y + th < h), _ramp(f * tw, x > 0, x + tw < w))
+                weight = np.outer(_ramp(f * th, f, y > 0, y + th < h), _ramp(f * tw, f, x > 0, x + tw < w))
                 image[:, :, f * y : f * (y + th), f * x : f * (x + tw)] += part["image"] * weight
                 total[f * y : f * (y + th), f * x : f * (x + tw)] += weight
         return image / total
 
-    def _encode_text(self, captions: list) -> np.ndarray:
+    def _encode_text(self, captions: list) -> dict:
+        """The family's text outputs for caption token ids (e.g. text_embeddings [B, 77, D])."""
         ids = np.stack([self.model.tokens.input_ids(c) for c in captions])  # [B, 77]
-        return self._run("text_encoder", input_ids=ids)["text_embeddings"]
+        out = self._run("text_encoder", input_ids=ids)
+        return {name: out[name] for name in self.model.family_def.text_outputs}
 
-    def _uncond(self) -> np.ndarray:
+    def _uncond(self) -> dict:
         if self._uncond_embedding is None:  # the empty caption, once per codec
             self._uncond_embedding = self._encode_text([[]])
         return self._uncond_embedding
@@ -278,9 +284,9 @@ def check_guidance(guidance: float) -> float:
     return float(guidance)
 
 
-def _ramp(n: int, rise: bool, fall: bool) -> np.ndarray:
+def _ramp(n: int, factor: int, rise: bool, fall: bool) -> np.ndarray:
     """Blend weights along one tile side: linear over the overlap where a neighbour shares it, else 1."""
-    edge = LATENT_FACTOR * VAE_TILE_OVERLAP
+    edge = factor * VAE_TILE_OVERLAP
     ramp = (np.arange(edge, dtype=np.float32) + 0.5) / edge
     weight = np.ones(n, np.float32)
     if rise:

@@ -21,11 +21,10 @@ stages, so its peak is the largest stage.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 from perco.engine.errors import DecodeLimitError, UsageError
-from perco.engine.model import LATENT_FACTOR, SD21_SIZES, NetworkSizes
 
 MAX_PIXELS_ENV = "PERCO_MAX_PIXELS"
 MEMORY_FRACTION = 0.85  # of the memory available when the codec opens
@@ -33,6 +32,40 @@ VAE_TILE = 64  # latent pixels per tile side (512 image pixels)
 VAE_TILE_OVERLAP = 16  # latent pixels shared by neighbouring tiles, blended linearly
 VAE_TILE_ABOVE = 128 * 128  # latents with more pixels are decoded in tiles (images above 1024 x 1024)
 _FLOAT = 4
+
+
+@dataclass(frozen=True)
+class NetworkSizes:
+    """The few network dimensions that decide decoding memory."""
+
+    unet_channels: int  # UNet block_out_channels[0]
+    unet_heads: int  # heads of its highest-resolution attention
+    unet_attention_level: int  # downsampling level of that attention (0 = latent resolution)
+    vae_channels: int  # VAE block_out_channels[0]: the channels at full image resolution
+    weights_bytes: int  # all weights, float32
+    latent_factor: int = 8  # image pixels per latent pixel
+
+    @classmethod
+    def from_configs(cls, unet: dict, vae: dict, weights_bytes: int) -> "NetworkSizes":
+        blocks = unet.get("down_block_types")
+        blocks = blocks if isinstance(blocks, list) else ["CrossAttnDownBlock2D"]  # diffusers' default: attention first
+        level = next((i for i, b in enumerate(blocks) if "Attn" in str(b)), 0)
+        heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8  # diffusers' naming quirk
+        heads = heads[min(level, len(heads) - 1)] if isinstance(heads, list) else heads
+        return cls(int(unet["block_out_channels"][0]), int(heads), level, int(vae["block_out_channels"][0]),
+                   int(weights_bytes))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkSizes":
+        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__ if k in d})
+
+
+# Stable Diffusion 2.1 with a PerCo hyper-encoder: assumed for exports that did not record their sizes.
+SD21_SIZES = NetworkSizes(unet_channels=320, unet_heads=5, unet_attention_level=0, vae_channels=128,
+                          weights_bytes=5_200_000_000)
 
 
 @dataclass(frozen=True)
@@ -68,10 +101,10 @@ def coding_bytes(sizes: NetworkSizes, backend: BackendMemory, latent_pixels: int
     (`encode`: for encoding one, whose VAE encoder runs untiled at full resolution)."""
     t = latent_pixels
     if encode:
-        vae = _FLOAT * 4 * sizes.vae_channels * LATENT_FACTOR**2 * t
+        vae = _FLOAT * 4 * sizes.vae_channels * sizes.latent_factor**2 * t
         vae += 0 if backend.memory_efficient_attention else _FLOAT * 2 * t**2
         return int(backend.overhead_bytes + backend.weights_factor * sizes.weights_bytes + vae
-                   + _FLOAT * 3 * LATENT_FACTOR**2 * t)
+                   + _FLOAT * 3 * sizes.latent_factor**2 * t)
     tiled = t > VAE_TILE_ABOVE if tiled is None else tiled
     t_vae = min(t, VAE_TILE * VAE_TILE) if tiled else t
     branches = 2 * batch
@@ -81,10 +114,10 @@ def coding_bytes(sizes: NetworkSizes, backend: BackendMemory, latent_pixels: int
         unet += branches * _FLOAT * 4 * t_attn * sizes.unet_channels * 2**sizes.unet_attention_level
     else:
         unet += branches * _FLOAT * 2 * sizes.unet_heads * t_attn**2
-    vae = batch * _FLOAT * 4 * sizes.vae_channels * LATENT_FACTOR**2 * t_vae
+    vae = batch * _FLOAT * 4 * sizes.vae_channels * sizes.latent_factor**2 * t_vae
     if not backend.memory_efficient_attention:
         vae += batch * _FLOAT * 2 * t_vae**2
-    output = batch * _FLOAT * 2 * 3 * LATENT_FACTOR**2 * t  # the float image (tiled: accumulator + weights)
+    output = batch * _FLOAT * 2 * 3 * sizes.latent_factor**2 * t  # the float image (tiled: accumulator + weights)
     stages = unet + vae if backend.stages_add_up else max(unet, vae)
     return int(backend.overhead_bytes + backend.weights_factor * sizes.weights_bytes + stages + output)
 
@@ -175,6 +208,6 @@ def decode_limit(sizes: Optional[NetworkSizes], backend: BackendMemory, max_pixe
         latent = largest(VAE_TILE_ABOVE, 2048 * 2048, True)
     encode = largest(0, 2048 * 2048, None, encode=True)
     gib = backend.memory_bytes / 2**30
-    return DecodeLimit(latent * LATENT_FACTOR**2, backend.max_size,
+    return DecodeLimit(latent * sizes.latent_factor**2, backend.max_size,
                        f"estimated peak memory on {backend.name} within {MEMORY_FRACTION:.0%} of {gib:.1f} GiB available",
-                       min(encode, latent) * LATENT_FACTOR**2)
+                       min(encode, latent) * sizes.latent_factor**2)

@@ -4,7 +4,7 @@ import hashlib
 from pathlib import Path
 
 from perco.engine.errors import ModelError
-from perco.engine.graphs import GRAPHS
+from perco.engine import families
 from perco.engine.model import read_json
 
 MANIFEST = "manifest.json"
@@ -27,10 +27,11 @@ def read_manifest(folder, verify: bool = False) -> dict:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ModelError(f"{path} is not a format-{MANIFEST_FORMAT} PerCo Engine manifest: re-run 'perco export'")
     graphs = manifest.get("graphs", {})
-    missing = sorted(set(GRAPHS) - set(graphs))
+    contract = families.of_manifest(manifest).graphs
+    missing = sorted(set(contract) - set(graphs))
     if missing:
         raise ModelError(f"{path} lacks graphs: {', '.join(missing)}")
-    for name in GRAPHS:
+    for name in contract:
         for file, digest in graphs[name].get("sha256", {}).items():
             target = folder / file
             if not target.is_file():

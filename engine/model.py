@@ -14,35 +14,23 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
+from perco.engine import families
 from perco.engine.bitstream import StreamSpec
 from perco.engine.errors import ModelError
-from perco.engine.sampling import NoiseSchedule, schedule_from_config
+from perco.engine.families.perco_sd import PERCO_SD
+from perco.engine.limits import SD21_SIZES, NetworkSizes  # noqa: F401 (SD21_SIZES: re-exported)
+from perco.engine.sampling import schedule_from_config
 from perco.engine.text import TokenLayout
 
-FAMILY = "perco-sd"
-LATENT_FACTOR = 8  # VAE: image pixels per latent pixel
-REFERENCE_SIDE = 512  # the token grid side in the config is the grid at 512 x 512
-GUIDANCE = 3.0
-STEPS_LOW_RATE, STEPS_HIGH_RATE, RATE_THRESHOLD = 20, 5, 0.05
-
-# PerCo (SD)'s released rates: rate (bpp of the indices at 512x512) -> (token grid side at 512x512, codebook size)
-RATES = {
-    "0.1250": (64, 256),
-    "0.0937": (64, 64),
-    "0.0507": (32, 8192),
-    "0.0313": (32, 256),
-    "0.0098": (16, 1024),
-    "0.0024": (8, 1024),
-    "0.0019": (8, 256),
-}
-
-# Required files, per component: (config file, weights file)
-COMPONENTS = {
-    "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
-    "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
-    "text_encoder": ("config.json", "model.safetensors"),
-    "hyper_enc": ("config.json", "diffusion_pytorch_model.safetensors"),
-}
+# PerCo (SD)'s values, kept under their old names for the torch side; the runtime reads the model's family
+FAMILY = PERCO_SD.name
+LATENT_FACTOR = PERCO_SD.latent_factor
+REFERENCE_SIDE = PERCO_SD.reference_side  # the token grid side in the config is the grid at 512 x 512
+GUIDANCE = PERCO_SD.guidance
+RATES = PERCO_SD.rates
+COMPONENTS = PERCO_SD.components
+CONFIG_FIELDS = PERCO_SD.config_fields
+MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -77,26 +65,6 @@ def safetensors_header(path: Path) -> bytes:
     return header
 
 
-# Config fields the runtime and the model builders read, with their kinds and sane ranges; checked
-# field by field before anything is built, so a wrong type or an absurd size is a ModelError naming
-# the field instead of a failure (or a terabyte allocation) inside torch. (kind, low, high, default)
-_CH = ("int", 1, 8192, None)
-_CHANNEL_LIST = ("ints", 1, 8192, None)
-CONFIG_FIELDS = {
-    "hyper_enc": {"in_channels": ("int", 1, 64, None), "N": _CH, "M": _CH, "codebook_dim": _CH,
-                  "cfg_ss": ("int", 1, 1024, None), "cfg_cs": ("int", 2, 65536, None)},
-    "vae": {"block_out_channels": _CHANNEL_LIST, "latent_channels": ("int", 1, 64, 4),
-            "layers_per_block": ("int", 1, 16, 1), "norm_num_groups": ("int", 1, 1024, 32),
-            "scaling_factor": ("float", 1e-6, 1e6, 0.18215)},
-    "unet": {"block_out_channels": _CHANNEL_LIST, "layers_per_block": ("int", 1, 16, 2),
-             "attention_head_dim": ("int_or_ints", 1, 1024, 8), "cross_attention_dim": ("int", 1, 8192, 1280),
-             "norm_num_groups": ("int", 1, 1024, 32), "in_channels": ("int", 1, 64, 4)},
-    "text_encoder": {"hidden_size": _CH, "intermediate_size": ("int", 1, 65536, None),
-                     "num_hidden_layers": ("int", 1, 128, None), "num_attention_heads": ("int", 1, 256, None),
-                     "max_position_embeddings": ("int", 1, 4096, 77), "vocab_size": ("int", 2, 1 << 20, None)},
-}
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -129,39 +97,6 @@ def check_fields(config: dict, fields: dict, path) -> None:
 
 
 @dataclass(frozen=True)
-class NetworkSizes:
-    """The few network dimensions that decide decoding memory."""
-
-    unet_channels: int  # UNet block_out_channels[0]
-    unet_heads: int  # heads of its highest-resolution attention
-    unet_attention_level: int  # downsampling level of that attention (0 = latent resolution)
-    vae_channels: int  # VAE block_out_channels[0]: the channels at full image resolution
-    weights_bytes: int  # all weights, float32
-
-    @classmethod
-    def from_configs(cls, unet: dict, vae: dict, weights_bytes: int) -> "NetworkSizes":
-        blocks = unet.get("down_block_types")
-        blocks = blocks if isinstance(blocks, list) else ["CrossAttnDownBlock2D"]  # diffusers' default: attention first
-        level = next((i for i, b in enumerate(blocks) if "Attn" in str(b)), 0)
-        heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8  # diffusers' naming quirk
-        heads = heads[min(level, len(heads) - 1)] if isinstance(heads, list) else heads
-        return cls(int(unet["block_out_channels"][0]), int(heads), level, int(vae["block_out_channels"][0]),
-                   int(weights_bytes))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NetworkSizes":
-        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
-
-
-# Stable Diffusion 2.1 with a PerCo hyper-encoder: assumed for exports that did not record their sizes.
-SD21_SIZES = NetworkSizes(unet_channels=320, unet_heads=5, unet_attention_level=0, vae_channels=128,
-                          weights_bytes=5_200_000_000)
-
-
-@dataclass(frozen=True)
 class RateGeometry:
     grid: int  # token grid side at 512 x 512
     codebook_size: int
@@ -189,7 +124,7 @@ class ModelSpec:
     tokens: TokenLayout
     scheduler_config: dict
     pad_multiple: int
-    family: str = FAMILY
+    family: str = PERCO_SD.name
     tokenizer_dir: Optional[Path] = None  # for compressing captions; decoding never needs it
     sizes: Optional[NetworkSizes] = None  # for the decode size limit; None in exports made before it
 
@@ -199,8 +134,12 @@ class ModelSpec:
         return schedule_from_config(self.scheduler_config)
 
     @property
+    def family_def(self) -> families.Family:
+        return families.get(self.family)
+
+    @property
     def default_steps(self) -> int:
-        return STEPS_LOW_RATE if self.rate.nominal_bpp < RATE_THRESHOLD else STEPS_HIGH_RATE
+        return self.family_def.default_steps(self.rate.nominal_bpp)
 
     @property
     def stream_spec(self) -> StreamSpec:
@@ -214,7 +153,8 @@ class ModelSpec:
 
     def describe(self) -> str:
         return (
-            f"{self.family} model (token grid {self.rate.grid} at 512x512, codebook {self.rate.codebook_size}, "
+            f"{self.family} model (token grid {self.rate.grid} at {self.family_def.reference_side}x"
+            f"{self.family_def.reference_side}, codebook {self.rate.codebook_size}, "
             f"{self.rate.nominal_bpp:.4f} bpp nominal, fingerprint {self.fingerprint[:4].hex()})"
         )
 
@@ -245,7 +185,8 @@ class ModelSpec:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model description is malformed: {exc!r}") from None
-        spec.schedule  # validate the scheduler config now, not at the first decode
+        spec.family_def  # an unknown family, and
+        spec.schedule  # an unsupported scheduler, are refused now, not at the first decode
         return spec
 
 
@@ -276,32 +217,37 @@ class ModelInfo:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ModelError(f"model folder {self.folder} does not exist")
-        self.configs = {name: read_json(self.folder / name / files[0]) for name, files in COMPONENTS.items()}
-        for name, (_, weights) in COMPONENTS.items():
+        self.family = family = _family_of(self.folder)
+        components = family.components
+        self.configs = {name: read_json(self.folder / name / files[0]) for name, files in components.items()}
+        for name, (_, weights) in components.items():
             if not (self.folder / name / weights).is_file():
                 raise ModelError(f"model folder is incomplete: {self.folder / name / weights} is missing")
         self.scheduler_config = read_json(self.folder / SCHEDULER_CONFIG)
         for name in TOKENIZER_FILES:
             if not (self.folder / "tokenizer" / name).is_file():
                 raise ModelError(f"model folder is incomplete: {self.folder / 'tokenizer' / name} is missing")
-        for name, fields in CONFIG_FIELDS.items():
-            check_fields(self.configs[name], fields, self.folder / name / COMPONENTS[name][0])
+        for name, fields in family.config_fields.items():
+            check_fields(self.configs[name], fields, self.folder / name / components[name][0])
         hyper = self.configs["hyper_enc"]
         self.rate = RateGeometry(hyper["cfg_ss"], hyper["cfg_cs"])
         if self.rate.grid not in (8, 16, 32, 64):
             raise ModelError(f"{self.folder / 'hyper_enc/config.json'}: cfg_ss (token grid) must be 8, 16, 32 or 64, "
                              f"got {self.rate.grid}")
-        if not isinstance(schedule_from_config(self.scheduler_config), NoiseSchedule):  # refuse unsupported ones early
-            raise ModelError(f"{self.folder / SCHEDULER_CONFIG}: PerCo (SD) is a diffusion model and needs a beta "
-                             f"schedule (e.g. DDIMScheduler), not {self.scheduler_config.get('_class_name')}")
+        kind = type(schedule_from_config(self.scheduler_config)).__name__  # unsupported classes are refused here
+        if kind not in family.schedules:
+            needs = "a beta schedule (e.g. DDIMScheduler)" if family.schedules == ("NoiseSchedule",) else \
+                "a flow-matching schedule (FlowMatchEulerDiscreteScheduler)"
+            raise ModelError(f"{self.folder / SCHEDULER_CONFIG}: {family.title} is a "
+                             f"{'diffusion' if 'NoiseSchedule' in family.schedules else 'flow-matching'} model and "
+                             f"needs {needs}, not {self.scheduler_config.get('_class_name')}")
         self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
         self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
 
     @property
     def pad_multiple(self) -> int:
-        """Images are padded to a multiple of this: the token stride and the UNet's downsampling."""
-        unet_down = 2 ** (len(self.configs["unet"]["block_out_channels"]) - 1)
-        return math.lcm(self.rate.token_stride, LATENT_FACTOR * unet_down)
+        """Images are padded to a multiple of this: the token stride and the denoiser's downsampling."""
+        return self.family.pad_multiple(self.configs, self.rate.token_stride)
 
     @cached_property
     def fingerprint(self) -> bytes:
@@ -312,20 +258,20 @@ class ModelInfo:
         (their codebooks differ). The bitstream stores its first 4 bytes.
         """
         h = hashlib.blake2b(digest_size=16)
-        h.update(FAMILY.encode())
+        h.update(self.family.name.encode())
 
         def canonical(config: dict) -> bytes:
             kept = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
             return json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
 
-        for name, (_, weights) in sorted(COMPONENTS.items()):
+        for name, (_, weights) in sorted(self.family.components.items()):
             h.update(name.encode())
             h.update(canonical(self.configs[name]))
             h.update(safetensors_header(self.folder / name / weights))
         h.update(canonical(self.scheduler_config))
         t = self.tokens
         h.update(struct.pack("<5q", t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.max_length))
-        h.update((self.folder / "hyper_enc" / COMPONENTS["hyper_enc"][1]).read_bytes())
+        h.update((self.folder / "hyper_enc" / self.family.components["hyper_enc"][1]).read_bytes())
         return h.digest()
 
     @cached_property
@@ -336,9 +282,10 @@ class ModelInfo:
             tokens=self.tokens,
             scheduler_config=self.scheduler_config,
             pad_multiple=self.pad_multiple,
+            family=self.family.name,
             tokenizer_dir=self.folder / "tokenizer",
-            sizes=NetworkSizes.from_configs(self.configs["unet"], self.configs["vae"], sum(
-                (self.folder / name / weights).stat().st_size for name, (_, weights) in COMPONENTS.items())),
+            sizes=self.family.network_sizes(self.configs, sum(
+                (self.folder / name / weights).stat().st_size for name, (_, weights) in self.family.components.items())),
         )
 
     @property
@@ -346,8 +293,18 @@ class ModelInfo:
         return self.spec.stream_spec
 
 
+def _family_of(folder: Path) -> families.Family:
+    """The family model_index.json names (a folder without one is PerCo (SD), as its first releases)."""
+    index = folder / MODEL_INDEX
+    pipeline = read_json(index).get("_class_name") if index.is_file() else None
+    return families.for_pipeline(pipeline)
+
+
 def _folder_state(folder: Path) -> tuple:
     """(name, size, mtime) of every file a ModelInfo reads: a changed file is a new state."""
-    files = [f"{name}/{f}" for name, pair in COMPONENTS.items() for f in pair]
+    family = _family_of(folder)
+    files = [f"{name}/{f}" for name, pair in family.components.items() for f in pair]
     files += [SCHEDULER_CONFIG] + [f"tokenizer/{f}" for f in TOKENIZER_FILES]
-    return tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(folder / f)])
+    state = tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(folder / f)])
+    index = folder / MODEL_INDEX
+    return state + ((MODEL_INDEX, index.stat().st_mtime_ns) if index.is_file() else ())

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from perco.engine.errors import BackendError
-from perco.engine.graphs import GRAPHS
 from perco.engine.model import ModelInfo
 from perco.export.graphs import graph_modules
 from perco.export.models.perco_sd import load_model
@@ -19,16 +18,17 @@ class TorchBackend:
     max_size = None  # bounded by memory only (perco.engine.limits)
 
     def __init__(self, model: ModelInfo):
+        self.contract = model.family.graphs
         self.graphs = graph_modules(load_model(model), model.scaling_factor)
 
     @torch.inference_mode()
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if graph not in self.graphs:
             raise BackendError(f"unknown graph {graph!r}")
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name, _, _ in GRAPHS[graph].inputs]
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name, _, _ in self.contract[graph].inputs]
         outputs = self.graphs[graph](*args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return {name: value.numpy() for (name, _, _), value in zip(GRAPHS[graph].outputs, outputs)}
+        return {name: value.numpy() for (name, _, _), value in zip(self.contract[graph].outputs, outputs)}
 
     def close(self) -> None:
         self.graphs = {}

@@ -1,4 +1,4 @@
-"""Backends run the networks of `perco.engine.graphs.GRAPHS`; everything else is shared numpy.
+"""Backends run the networks of a model family's graph contract (`perco.engine.families`); the rest is numpy.
 
 A backend implements `Backend`: `run(graph, inputs) -> outputs` over named numpy arrays (every
 output a graph declares), `close()`, and says its `device` and `precision`. The runtime's own
@@ -31,7 +31,7 @@ class Backend(Protocol):
     max_size: Optional[Tuple[int, int]]  # (height, width) of the largest padded image it accepts; None: any
 
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """Run one network of GRAPHS on named float32/int64 arrays; return every output it declares."""
+        """Run one network of the contract on named float32/int64 arrays; return every output it declares."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -10,9 +10,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from perco.engine import plugins
+from perco.engine import families, plugins
 from perco.engine.errors import BackendError, ModelError
-from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import spec_from_artifacts
 from perco.engine.model import ModelInfo
 
@@ -31,6 +30,7 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.folder = Path(folder)
         self.manifest = manifest
+        self.graphs = families.of_manifest(manifest).graphs
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
@@ -40,7 +40,7 @@ class OnnxRuntimeBackend:
         self.io_binding = self.on_gpu if io_binding is None else io_binding
         self._device_inputs = {}  # id(array) -> (array, OrtValue on the device)
         self.uploads = 0  # step-constant inputs copied to the device
-        self._sessions = {graph: self._load(graph) for graph in GRAPHS}  # load once, outside timed stages
+        self._sessions = {graph: self._load(graph) for graph in self.graphs}  # load once, outside timed stages
 
     def _load(self, graph: str):
         options = self._ort.SessionOptions()
@@ -54,11 +54,11 @@ class OnnxRuntimeBackend:
             raise ModelError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        if graph not in GRAPHS:
+        if graph not in self.graphs:
             raise BackendError(f"unknown graph {graph!r}")
         session = self._sessions[graph]
-        feed = {name: np.ascontiguousarray(inputs[name]) for name, _, _ in GRAPHS[graph].inputs}
-        output_names = [name for name, _, _ in GRAPHS[graph].outputs]
+        feed = {name: np.ascontiguousarray(inputs[name]) for name, _, _ in self.graphs[graph].inputs}
+        output_names = [name for name, _, _ in self.graphs[graph].outputs]
         if not self.io_binding:
             return dict(zip(output_names, session.run(output_names, feed)))
         binding = session.io_binding()

@@ -18,10 +18,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from perco.engine import plugins
+from perco.engine import families, plugins
 from perco.engine.errors import BackendError, ModelError
 from perco.engine.files import atomic_write
-from perco.engine.graphs import GRAPHS
 
 FLAVOR_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 ENGINES_MANIFEST = "engines.json"
@@ -87,7 +86,7 @@ class _Engine:
         io = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in io if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in io if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        contract = GRAPHS[name]
+        contract = backend.graphs[name]
         expected = ({n for n, _, _ in contract.inputs}, {n for n, _, _ in contract.outputs})
         if (set(self.inputs), set(self.outputs)) != expected:
             raise ModelError(f"engine {entry['file']} has inputs {self.inputs} and outputs {self.outputs}, "
@@ -201,6 +200,7 @@ class TensorRTBackend:
         from perco.engine.cuda import open_cuda
 
         self.folder, self.manifest = Path(folder), manifest
+        self.graphs = families.of_manifest(manifest).graphs
         self.max_size = profile_size(manifest)  # (height, width): larger images are outside every profile
         self.precision = manifest.get("precision", "mixed")
         self.flavor = manifest.get("flavor", "")
@@ -273,7 +273,7 @@ class TensorRTBackend:
 
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if graph not in self.engines:
-            if graph not in GRAPHS:
+            if graph not in self.graphs:
                 raise BackendError(f"unknown graph {graph!r}")
             entry = self.manifest["graphs"].get(graph)
             if entry is None:
