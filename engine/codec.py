@@ -264,8 +264,8 @@ class Codec:
 
     def _encode_text(self, captions: list) -> dict:
         """The family's text outputs for caption token ids (e.g. text_embeddings [B, 77, D])."""
-        ids = np.stack([self.model.tokens.input_ids(c) for c in captions])  # [B, 77]
-        out = self._run("text_encoder", input_ids=ids)
+        per_caption = [self.model.text_input_ids(c) for c in captions]
+        out = self._run("text_encoder", **{k: np.stack([ids[k] for ids in per_caption]) for k in per_caption[0]})
         return {name: out[name] for name in self.model.family_def.text_outputs}
 
     def _uncond(self) -> dict:

@@ -127,6 +127,12 @@ class ModelSpec:
     family: str = PERCO_SD.name
     tokenizer_dir: Optional[Path] = None  # for compressing captions; decoding never needs it
     sizes: Optional[NetworkSizes] = None  # for the decode size limit; None in exports made before it
+    extra_tokens: tuple = ()  # ((text_encoder input, TokenLayout), ...) beyond input_ids (PerCoV2's CLIP-G)
+
+    def text_input_ids(self, caption_ids) -> dict:
+        """The text_encoder inputs for one caption's content ids: input_ids (+ the family's others)."""
+        return {"input_ids": self.tokens.input_ids(caption_ids),
+                **{name: layout.input_ids(caption_ids) for name, layout in self.extra_tokens}}
 
     @cached_property
     def schedule(self):
@@ -168,6 +174,7 @@ class ModelSpec:
             "scheduler": self.scheduler_config,
             "pad_multiple": self.pad_multiple,
             **({"sizes": self.sizes.to_dict()} if self.sizes else {}),
+            **({"extra_tokens": {name: asdict(t) for name, t in self.extra_tokens}} if self.extra_tokens else {}),
         }
 
     @classmethod
@@ -182,6 +189,8 @@ class ModelSpec:
                 family=str(d["family"]),
                 tokenizer_dir=tokenizer_dir,
                 sizes=NetworkSizes.from_dict(d["sizes"]) if "sizes" in d else None,
+                extra_tokens=tuple((str(name), TokenLayout(**{k: int(v) for k, v in t.items()}))
+                                   for name, t in (d.get("extra_tokens") or {}).items()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model description is malformed: {exc!r}") from None
@@ -224,9 +233,10 @@ class ModelInfo:
             if not (self.folder / name / weights).is_file():
                 raise ModelError(f"model folder is incomplete: {self.folder / name / weights} is missing")
         self.scheduler_config = read_json(self.folder / SCHEDULER_CONFIG)
-        for name in TOKENIZER_FILES:
-            if not (self.folder / "tokenizer" / name).is_file():
-                raise ModelError(f"model folder is incomplete: {self.folder / 'tokenizer' / name} is missing")
+        for _, tokenizer in family.text_inputs:
+            for name in TOKENIZER_FILES:
+                if not (self.folder / tokenizer / name).is_file():
+                    raise ModelError(f"model folder is incomplete: {self.folder / tokenizer / name} is missing")
         for name, fields in family.config_fields.items():
             check_fields(self.configs[name], fields, self.folder / name / components[name][0])
         hyper = self.configs["hyper_enc"]
@@ -242,7 +252,10 @@ class ModelInfo:
                              f"{'diffusion' if 'NoiseSchedule' in family.schedules else 'flow-matching'} model and "
                              f"needs {needs}, not {self.scheduler_config.get('_class_name')}")
         self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
+        self.extra_tokens = tuple((name, TokenLayout.from_tokenizer_dir(self.folder / tokenizer))
+                                  for name, tokenizer in family.text_inputs[1:])
         self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
+        self.shift_factor = float(self.configs["vae"].get("shift_factor") or 0.0)
 
     @property
     def pad_multiple(self) -> int:
@@ -269,8 +282,8 @@ class ModelInfo:
             h.update(canonical(self.configs[name]))
             h.update(safetensors_header(self.folder / name / weights))
         h.update(canonical(self.scheduler_config))
-        t = self.tokens
-        h.update(struct.pack("<5q", t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.max_length))
+        for t in (self.tokens, *(layout for _, layout in self.extra_tokens)):
+            h.update(struct.pack("<5q", t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.max_length))
         h.update((self.folder / "hyper_enc" / self.family.components["hyper_enc"][1]).read_bytes())
         return h.digest()
 
@@ -286,6 +299,7 @@ class ModelInfo:
             tokenizer_dir=self.folder / "tokenizer",
             sizes=self.family.network_sizes(self.configs, sum(
                 (self.folder / name / weights).stat().st_size for name, (_, weights) in self.family.components.items())),
+            extra_tokens=self.extra_tokens,
         )
 
     @property
@@ -304,7 +318,7 @@ def _folder_state(folder: Path) -> tuple:
     """(name, size, mtime) of every file a ModelInfo reads: a changed file is a new state."""
     family = _family_of(folder)
     files = [f"{name}/{f}" for name, pair in family.components.items() for f in pair]
-    files += [SCHEDULER_CONFIG] + [f"tokenizer/{f}" for f in TOKENIZER_FILES]
+    files += [SCHEDULER_CONFIG] + [f"{tok}/{f}" for _, tok in family.text_inputs for f in TOKENIZER_FILES]
     state = tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(folder / f)])
     index = folder / MODEL_INDEX
     return state + ((MODEL_INDEX, index.stat().st_mtime_ns) if index.is_file() else ())

@@ -9,27 +9,31 @@ line naming what to install.
 import argparse
 import sys
 
+from perco.engine import families
 from perco.engine.cli import _model_arg, _positive, _uint64
 from perco.engine.errors import PercoError, UsageError
-from perco.engine.model import RATES
 from perco.engine.plugins import EXPORT_EXTRA
 
 
 def add_commands(sub) -> dict:
     """Add the torch-side verbs to the `perco` subparsers; return {verb: handler}."""
     p = sub.add_parser("init-tiny", help="write a tiny random model in the real folder layout",
-                       description="Write a tiny, seeded, randomly initialised PerCo (SD) model in exactly the "
-                                   "released folder layout (for tests and the demo; its pixels are meaningless).")
+                       description="Write a tiny, seeded, randomly initialised model of a family in exactly its "
+                                   "folder layout (for tests and the demo; its pixels are meaningless).")
     p.add_argument("dir", metavar="DIR", help="folder to create (must not exist or be empty)")
+    p.add_argument("--family", default="perco-sd", choices=families.names(),
+                   help="perco-sd: PerCo (SD), Stable Diffusion 2.1; percov2: PerCoV2, Stable Diffusion 3 "
+                        "(default: %(default)s)")
     p.add_argument("--rate", default="0.0313", metavar="BPP",
-                   help="rate preset whose token grid and codebook to keep, one of " + ", ".join(
-                       f"{r} (grid {g}, {k} codes)" for r, (g, k) in RATES.items()) + " (default: %(default)s)")
+                   help="rate preset whose token grid and codebook to keep; " + "; ".join(
+                       f"{f.name}: " + ", ".join(f"{r} (grid {g}, {k} codes)" for r, (g, k) in f.rates.items())
+                       for f in map(families.get, families.names())) + " (default: %(default)s)")
     p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="weight seed (default: 0)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer folder to copy (transformers format); default: a small built-in one")
     p.add_argument("--full-size", action="store_true",
-                   help="SD 2.1 dimensions instead of tiny ones (about 5 GB of random weights), for export "
-                        "and speed measurements")
+                   help="the real dimensions instead of tiny ones (SD 2.1: about 5 GB of random weights; SD3-medium: "
+                        "about 10 GB), for export and speed measurements")
 
     p = sub.add_parser("export", help="export every network to ONNX (+ manifest)",
                        description="Export each network of a model to an optimized ONNX graph with dynamic batch "
@@ -138,12 +142,13 @@ def _size(text):
 def cmd_init_tiny(args) -> None:
     try:
         from perco.export.tiny import init_tiny
-    except ImportError as exc:
-        raise PercoError(f"init-tiny needs {exc.name}: {EXPORT_EXTRA}") from None
 
-    folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer, full_size=args.full_size)
+        folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer,
+                           full_size=args.full_size, family=args.family)
+    except ImportError as exc:
+        raise PercoError(f"init-tiny needs {exc.name or 'torch'}: {EXPORT_EXTRA}") from None
     size = "full-size" if args.full_size else "tiny"
-    print(f"wrote {size} random model (rate {args.rate}, seed {args.seed}) to {folder}")
+    print(f"wrote {size} random {args.family} model (rate {args.rate}, seed {args.seed}) to {folder}")
 
 
 def cmd_build(args) -> None:

@@ -132,10 +132,10 @@ def _dims(shape: str) -> list:
     return shape.split(",")
 
 
-def dynamic_axes(graph: str) -> dict:
-    """ONNX dynamic axes: every symbolic dimension of GRAPHS[graph] (dim_param = the symbol)."""
+def dynamic_axes(graph: str, contract: dict = GRAPHS) -> dict:
+    """ONNX dynamic axes: every symbolic dimension of contract[graph] (dim_param = the symbol)."""
     axes = {}
-    for name, _, shape in GRAPHS[graph].inputs + GRAPHS[graph].outputs:
+    for name, _, shape in contract[graph].inputs + contract[graph].outputs:
         dynamic = {i: ("B2" if d == "2B" else d) for i, d in enumerate(_dims(shape)) if d in _DYNAMIC}
         if dynamic:
             axes[name] = dynamic
@@ -143,22 +143,23 @@ def dynamic_axes(graph: str) -> dict:
 
 
 
-def io_shapes(graph: str, sizes: dict) -> dict:
+def io_shapes(graph: str, sizes: dict, contract: dict = GRAPHS) -> dict:
     """name -> {"min": [...], "opt": [...], "max": [...]} for inputs and outputs."""
     out = {}
-    for name, _, shape in GRAPHS[graph].inputs + GRAPHS[graph].outputs:
+    for name, _, shape in contract[graph].inputs + contract[graph].outputs:
         dims = [sizes[d] if d in sizes else (int(d),) * 3 for d in _dims(shape)]
         out[name] = {k: [d[i] for d in dims] for i, k in enumerate(("min", "opt", "max"))}
     return out
 
 
-def sample_inputs(graph: str, sizes: dict, vocab_size: int, codebook_size: int, seed: int = 0) -> tuple:
-    """Seeded inputs at the opt shape, in GRAPHS input order."""
+def sample_inputs(graph: str, sizes: dict, vocab_size: int, codebook_size: int, seed: int = 0,
+                  contract: dict = GRAPHS) -> tuple:
+    """Seeded inputs at the opt shape, in the contract's input order."""
     g = torch.Generator().manual_seed(seed)
     tensors = []
-    for name, dtype, shape in GRAPHS[graph].inputs:
+    for name, dtype, shape in contract[graph].inputs:
         dims = [sizes[d][1] if d in sizes else int(d) for d in _dims(shape)]
-        if name == "input_ids":
+        if name.startswith("input_ids"):
             tensors.append(torch.randint(0, vocab_size, dims, generator=g))
         elif name == "indices":
             tensors.append(torch.randint(0, codebook_size, dims, generator=g))
@@ -167,3 +168,34 @@ def sample_inputs(graph: str, sizes: dict, vocab_size: int, codebook_size: int, 
         else:
             tensors.append(torch.randn(dims, generator=g))
     return tuple(tensors)
+
+
+# --- every family -------------------------------------------------------------------------------
+
+
+def component_groups(family) -> list:
+    """The components to load together, one group at a time (a graph may need two: PerCoV2's CLIPs)."""
+    if family.name == "percov2":
+        return [("text_encoder", "text_encoder_2"), ("vae",), ("hyper_enc",), ("transformer",)]
+    return [("text_encoder",), ("vae",), ("hyper_enc",), ("unet",)]
+
+
+def model_graphs(info, components=None) -> dict:
+    """graph -> eval-mode module for a model folder of any family, for `components` (default: all)."""
+    if info.family.name == "percov2":
+        from perco.export.models import percov2
+
+        return percov2.graph_modules(percov2.load_model(info, tuple(components or percov2.COMPONENTS)), info)
+    from perco.export.models.perco_sd import load_model
+
+    names = tuple(components or ("unet", "vae", "text_encoder", "hyper_enc"))
+    return graph_modules(load_model(info, names), info.scaling_factor)
+
+
+def model_constants(info) -> dict:
+    """The fixed shape symbols of a model folder's graphs."""
+    if info.family.name == "percov2":
+        from perco.export.models.percov2 import graph_constants as percov2_constants
+
+        return percov2_constants(info.configs)
+    return graph_constants(info.configs)

@@ -30,9 +30,8 @@ from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest
 from perco.engine.model import ModelInfo
 from perco.export.graphs import (
-    Profile, dynamic_axes, graph_constants, graph_modules, io_shapes, sample_inputs, symbol_sizes,
+    Profile, component_groups, dynamic_axes, io_shapes, model_constants, model_graphs, sample_inputs, symbol_sizes,
 )
-from perco.export.models.perco_sd import load_model
 
 DEFAULT_OPSET = 18
 _EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf cannot hold 2 GB
@@ -75,19 +74,20 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
         return out / MANIFEST
 
     log(f"exporting {info.folder} to {out} (opset {opset}, key {key[:12]})")
-    sizes = symbol_sizes(profile, info.rate.token_stride, graph_constants(info.configs))
+    sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info))
+    contract = info.family.graphs
     entries = {}
-    for component in ("text_encoder", "vae", "hyper_enc", "unet"):  # one network in memory at a time
-        graphs = graph_modules(load_model(info, [component]), info.scaling_factor)
+    for components in component_groups(info.family):  # one network (or pair) in memory at a time
+        graphs = model_graphs(info, components)
         for name, module in graphs.items():
             start = time.perf_counter()
-            log(f"[{len(entries) + 1}/{len(GRAPHS)}] {name}")
-            args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size)
-            entries[name] = _export_graph(module, name, args, out, key, opset, sizes, log)
+            log(f"[{len(entries) + 1}/{len(contract)}] {name}")
+            args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, contract=contract)
+            entries[name] = _export_graph(module, name, args, out, key, opset, sizes, log, contract)
             entries[name]["export_seconds"] = round(time.perf_counter() - start, 3)
         del graphs
         gc.collect()
-    entries = {name: entries[name] for name in GRAPHS}
+    entries = {name: entries[name] for name in contract}
 
     tokenizer = f"tokenizer-{info.fingerprint[:4].hex()}"
     copy_folder(info.folder / "tokenizer", out / tokenizer)
@@ -114,8 +114,9 @@ def _reusable(out: Path, key: str) -> bool:
     return manifest.get("key") == key
 
 
-def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: int, sizes: dict, log) -> dict:
-    contract = GRAPHS[name]
+def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: int, sizes: dict, log,
+                  graphs: dict = GRAPHS) -> dict:
+    contract = graphs[name]
     input_names = [n for n, _, _ in contract.inputs]
     output_names = [n for n, _, _ in contract.outputs]
     filename = f"{name}-{key[:12]}.onnx"
@@ -125,7 +126,7 @@ def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: in
             # tracing warns about Python branches on shapes; the graph contract fixes those shapes
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(raw), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes(name), opset_version=opset, do_constant_folding=True,
+                              dynamic_axes=dynamic_axes(name, graphs), opset_version=opset, do_constant_folding=True,
                               dynamo=False)
         passes = _optimize(raw)
         model = passes.pop("model")
@@ -151,8 +152,8 @@ def _export_graph(module, name: str, args: tuple, out: Path, key: str, opset: in
         "bytes": sum((out / f).stat().st_size for f in files),
         "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in contract.inputs],
         "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in contract.outputs],
-        "dynamic_axes": {k: {str(i): v for i, v in axes.items()} for k, axes in dynamic_axes(name).items()},
-        "shapes": io_shapes(name, sizes),
+        "dynamic_axes": {k: {str(i): v for i, v in axes.items()} for k, axes in dynamic_axes(name, graphs).items()},
+        "shapes": io_shapes(name, sizes, graphs),
         "nodes": passes,
     }
 
@@ -203,22 +204,25 @@ def parity(model_dir, artifacts, seed: int = 0) -> dict:
     manifest = read_manifest(artifacts, verify=False)
     if manifest["model"]["fingerprint"] != info.fingerprint.hex():
         raise ModelError("artifacts were exported from another model")
-    graphs = graph_modules(load_model(info), info.scaling_factor)
+    graphs = model_graphs(info)
+    contract = info.family.graphs
     profile = Profile(**{k: tuple(v) for k, v in manifest["profile"].items()})
-    sizes = symbol_sizes(profile, info.rate.token_stride, graph_constants(info.configs))
+    sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info))
     report = {}
-    for name in GRAPHS:
-        args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, seed=seed + 1)
+    for name in contract:
+        args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, seed=seed + 1,
+                             contract=contract)
         with torch.no_grad():
-            reference = graphs[name](*args).numpy()
+            reference = graphs[name](*args)
+        reference = [r.numpy() for r in (reference if isinstance(reference, (tuple, list)) else (reference,))]
         session = ort.InferenceSession(str(Path(artifacts) / manifest["graphs"][name]["file"]),
                                        providers=["CPUExecutionProvider"])
-        feed = {n: a.numpy() for (n, _, _), a in zip(GRAPHS[name].inputs, args)}
-        actual = session.run(None, feed)[0]
-        if reference.dtype == np.int64:
-            report[name] = {"mismatch_fraction": float((actual != reference).mean())}
-        else:
-            err = float(np.abs(actual - reference).max() / max(float(np.abs(reference).max()), 1e-12))
+        feed = {n: a.numpy() for (n, _, _), a in zip(contract[name].inputs, args)}
+        actual = session.run([n for n, _, _ in contract[name].outputs], feed)
+        if reference[0].dtype == np.int64:
+            report[name] = {"mismatch_fraction": float((actual[0] != reference[0]).mean())}
+        else:  # the worst output, relative to its own scale
+            err = max(float(np.abs(a - r).max() / max(float(np.abs(r).max()), 1e-12)) for a, r in zip(actual, reference))
             report[name] = {"max_rel_error": err}
     return report
 

@@ -7,8 +7,7 @@ import torch
 
 from perco.engine.errors import BackendError
 from perco.engine.model import ModelInfo
-from perco.export.graphs import graph_modules
-from perco.export.models.perco_sd import load_model
+from perco.export.graphs import model_graphs
 
 
 class TorchBackend:
@@ -19,7 +18,7 @@ class TorchBackend:
 
     def __init__(self, model: ModelInfo):
         self.contract = model.family.graphs
-        self.graphs = graph_modules(load_model(model), model.scaling_factor)
+        self.graphs = model_graphs(model)
 
     @torch.inference_mode()
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -7,17 +7,21 @@ from pathlib import Path
 
 from perco.engine.demo import DEMO_RATE, DEMO_SEED
 from perco.engine.errors import ModelError, PercoError
-from perco.export.models.perco_sd import PRESETS, rate_key, write_model_folder
+from perco.engine import families
 
 
-def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=None, full_size: bool = False) -> Path:
-    """Write a tiny (or full-size) random model to `folder` atomically (a temporary sibling, then a rename)."""
+def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=None, full_size: bool = False,
+              family: str = "perco-sd") -> Path:
+    """Write a tiny (or full-size) random model of `family` to `folder` atomically (a temporary sibling,
+    then a rename)."""
+    presets, write_model_folder = _family_writer(family)
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise PercoError(f"{folder} already exists and is not an empty folder")
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ModelError(f"tokenizer folder {tokenizer} does not exist")
-    config = PRESETS[rate_key(rate) if full_size else f"tiny-{rate_key(rate)}"]
+    key = rate_key(rate, families.get(family))
+    config = presets[key if full_size else f"tiny-{key}"]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -29,3 +33,23 @@ def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def rate_key(rate, family) -> str:
+    """Normalise '0.0313', 0.0313, '.0313' -> '0.0313'; an error naming the family's rates otherwise."""
+    try:
+        key = f"{float(rate):.4f}"
+    except (TypeError, ValueError):
+        key = None
+    if key not in family.rates:
+        raise ModelError(f"unknown rate {rate!r}; {family.title} rates are {', '.join(family.rates)}")
+    return key
+
+
+def _family_writer(family: str):
+    families.get(family)  # an unknown family is a ModelError naming the known ones
+    if family == "percov2":
+        from perco.export.models.percov2 import PRESETS, write_model_folder
+    else:
+        from perco.export.models.perco_sd import PRESETS, write_model_folder
+    return PRESETS, write_model_folder

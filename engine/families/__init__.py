@@ -31,6 +31,7 @@ class Family:
     guidance: float
     steps: Tuple[int, int, float]  # (steps below the rate threshold, steps at or above, threshold in bpp)
     rates: Dict[str, Tuple[int, int]]  # preset rate -> (token grid side at reference_side, codebook size)
+    text_inputs: Tuple[Tuple[str, str], ...] = (("input_ids", "tokenizer"),)  # text_encoder input <- tokenizer folder
     reference_side: int = 512
     network_sizes: Optional[Callable] = field(default=None, compare=False)  # (configs, weights bytes) -> NetworkSizes
 
@@ -84,5 +85,4 @@ def for_pipeline(pipeline: Optional[str]) -> Family:
 
 
 def _load_builtin() -> None:
-    if not _FAMILIES:
-        from perco.engine.families import perco_sd  # noqa: F401 (registers itself)
+    from perco.engine.families import perco_sd, percov2  # noqa: F401 (imported once; they register themselves)

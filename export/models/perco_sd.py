@@ -134,17 +134,6 @@ PRESETS = {rate: PercoSDConfig(grid, k) for rate, (grid, k) in RATES.items()}
 PRESETS.update({f"tiny-{rate}": _tiny(grid, k) for rate, (grid, k) in RATES.items()})
 
 
-def rate_key(rate) -> str:
-    """Normalise '0.0313', 0.0313, '.0313' -> '0.0313'; error naming the choices otherwise."""
-    try:
-        key = f"{float(rate):.4f}"
-    except (TypeError, ValueError):
-        key = str(rate)
-    if key not in RATES:
-        raise ModelError(f"unknown rate {rate!r}; PerCo (SD) rates are {', '.join(RATES)}")
-    return key
-
-
 # --- hyper-encoder (key names as released: backbone.<i>..., quantizer....) -------------------
 
 
@@ -343,6 +332,7 @@ KEY_MAPS = {
     "text_encoder": ({}, ("text_model.embeddings.position_ids",)),
     "unet": ({}, ()),
     "hyper_enc": ({}, ()),
+    "transformer": ({}, ()),
 }
 
 
@@ -444,5 +434,5 @@ def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["PRESETS", "RATES", "PercoSDConfig", "build_modules", "load_model", "load_strict", "rate_key",
+__all__ = ["PRESETS", "RATES", "PercoSDConfig", "build_modules", "load_model", "load_strict",
            "write_model_folder"]

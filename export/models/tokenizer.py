@@ -98,3 +98,13 @@ def _write_special(folder: Path) -> None:
     config = dict(_SPECIAL, model_max_length=77, tokenizer_class="CLIPTokenizer", do_lower_case=True)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(_SPECIAL, indent=2) + "\n", encoding="utf-8")
+
+
+def set_pad_token(folder: Path, token: str) -> None:
+    """Make `token` the padding token of a tokenizer folder (SD3 pads CLIP-L with EOS, CLIP-G with '!')."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config["pad_token"] = token
+            path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
