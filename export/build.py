@@ -25,7 +25,7 @@ from typing import Optional
 from perco.engine.backends.tensorrt import ENGINES_FORMAT, ENGINES_MANIFEST, import_flavor, make_logger
 from perco.engine.errors import PercoError
 from perco.engine.files import atomic_json, atomic_write, copy_folder
-from perco.engine.graphs import GRAPHS
+from perco.engine import families
 from perco.engine.manifest import file_sha256, read_manifest
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -270,7 +270,7 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
         flavor, flavor_label, version = None, flavor_name, "not installed"
     existing = _read_engines(Path(out)) if out else {}
     rows = []
-    for name in GRAPHS:
+    for name in families.of_manifest(manifest).graphs:
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides)
         if entry.get("quantized"):  # Q/DQ graphs already store 8-bit weights
@@ -315,7 +315,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     logger = make_logger(trt, flavor.name, log)
     builder = trt.Builder(logger)
     timing_cache = None
-    selected = [g for g in GRAPHS if graphs is None or g in graphs]
+    selected = [g for g in families.of_manifest(manifest).graphs if graphs is None or g in graphs]
     for i, name in enumerate(selected, 1):
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides or {})
@@ -391,7 +391,7 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, mod
     feed = {}
     for inp in entry["inputs"]:
         shape = shapes[inp["name"]]["opt"]
-        if inp["name"] == "input_ids":
+        if inp["name"].startswith("input_ids"):
             feed[inp["name"]] = rng.integers(0, model["tokens"]["vocab_size"], shape).astype(np.int64)
         elif inp["name"] == "indices":
             feed[inp["name"]] = rng.integers(0, model["codebook_size"], shape).astype(np.int64)
@@ -404,7 +404,7 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, mod
 
 def compare_graphs(reference: Path, candidate: Path, feeds: list, optimize: bool = True) -> dict:
     """A candidate graph (FP16, BF16, Q/DQ) against its FP32 reference on ONNX Runtime CPU, over `feeds`:
-    {"metric": "max_rel_error", "value": max |c - r| / max |r|, "rms_rel_error": ...}, worst feed;
+    {"metric": "max_rel_error", "value": max |c - r| / max |r|, "rms_rel_error": ...}, worst feed and output;
     {"metric": "mismatch_fraction", "value": ...} for integer outputs. BF16 graphs run through
     `_bf16_emulation`; `optimize=False` runs the candidate's Q and DQ as written (ONNX Runtime's
     CPU provider has no float8 kernels to fuse them into)."""
@@ -418,7 +418,7 @@ def compare_graphs(reference: Path, candidate: Path, feeds: list, optimize: bool
         runnable = _bf16_emulation(candidate, Path(tmp)) if _has_bf16(candidate) else candidate
         a = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
         b = ort.InferenceSession(str(runnable), options, providers=["CPUExecutionProvider"])
-        pairs = [(a.run(None, feed)[0], b.run(None, feed)[0]) for feed in feeds]
+        pairs = [pair for feed in feeds for pair in zip(a.run(None, feed), b.run(None, feed))]
     if pairs[0][0].dtype == np.int64:
         return {"metric": "mismatch_fraction", "value": max(float((x != y).mean()) for x, y in pairs)}
     worst = rms = 0.0
