@@ -2,13 +2,15 @@
 
     byte 0        0xB1: high nibble 0xB marks a PerCo Engine bitstream, low nibble = version 1
     bytes 1-4     model fingerprint (first 4 bytes)
-    byte 5        flags: bit 0 explicit size, bit 1 explicit seed, bit 2 decoder hints
+    byte 5        flags: bit 0 explicit size, bit 1 explicit seed, bit 2 decoder hints, bit 3 model family
+    [u8 family id]              if flag 3 (1 = percov2), else 0 = perco-sd
     [varint w, varint h]        if flag 0, else 512 x 512
     [varint seed]               if flag 1, else 0
     [varint n, n x (u8 key, varint value)]   if flag 2
     varint caption byte count C
     C bytes       caption stream (rANS, caption prior over CLIP token ids, EOS-terminated)
-    ... bytes     index stream (rANS, uniform over the codebook, raster order): the rest
+    ... bytes     index stream, the rest: written by the model's index coder (`entropy.index_coders`;
+                  "uniform": rANS, uniform over the codebook, raster order)
     4 bytes       CRC-32 (zlib) of every byte before it, LE
 
 A stream is its uint32 LE words with the trailing zero bytes dropped (an AnsCoder stream never
@@ -24,8 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from perco.engine.entropy import caption_table, uniform_table
-from perco.engine.entropy.rans import StreamDecoder, decode_symbols, encode_symbols
+from perco.engine.entropy import caption_table
+from perco.engine.entropy.rans import StreamDecoder, encode_symbols
 from perco.engine.errors import BitstreamError
 from perco.engine.text import TokenLayout
 
@@ -36,7 +38,11 @@ MAX_SIDE = 16384
 FINGERPRINT_BYTES = 4
 CRC_BYTES = 4
 
-FLAG_SIZE, FLAG_SEED, FLAG_HINTS = 1, 2, 4
+FLAG_SIZE, FLAG_SEED, FLAG_HINTS, FLAG_FAMILY = 1, 2, 4, 8
+# the model family, as numbered by the format: 0 (perco-sd) is implied when FLAG_FAMILY is clear, so
+# PerCo (SD) streams are unchanged; a reader refuses a stream of another family before any decoding
+FAMILY_IDS = {"perco-sd": 0, "percov2": 1}
+_FAMILY_NAMES = {v: k for k, v in FAMILY_IDS.items()}
 HINT_STEPS, HINT_GUIDANCE_CENTI = 1, 2  # hint keys; unknown keys are skipped by readers
 _MAX_VARINT_BYTES = 10
 MAX_HINTS = 16  # hint entries a reader accepts (two keys are defined; the rest is room for new ones)
@@ -67,6 +73,7 @@ class Header:
     height: int
     seed: int = 0
     hints: Hints = field(default_factory=Hints)
+    family: str = "perco-sd"
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,13 @@ class StreamSpec:
     codebook_size: int
     token_stride: int  # image pixels per token
     pad_multiple: int  # images are padded to a multiple of this many pixels
+    family: str = "perco-sd"
+    index_coder: str = "uniform"  # perco.engine.entropy.index_coders
+
+    def coder(self):
+        from perco.engine.entropy.index_coders import make_index_coder
+
+        return make_index_coder(self.index_coder, self.codebook_size)
 
     def token_grid(self, width: int, height: int) -> tuple:
         """(rows, cols) of the token grid for an image of this size."""
@@ -167,14 +181,20 @@ def serialize(header: Header, caption_words: np.ndarray, index_words: np.ndarray
     if not (1 <= header.width <= MAX_SIDE and 1 <= header.height <= MAX_SIDE):
         raise ValueError(f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}")
     hints = header.hints.items()
+    if header.family not in FAMILY_IDS:
+        raise ValueError(f"model family {header.family!r} has no bitstream id")
+    family = FAMILY_IDS[header.family]
     flags = (
         (FLAG_SIZE if (header.width, header.height) != DEFAULT_SIZE else 0)
         | (FLAG_SEED if header.seed else 0)
         | (FLAG_HINTS if hints else 0)
+        | (FLAG_FAMILY if family else 0)
     )
     out = bytearray([MAGIC_NIBBLE << 4 | VERSION])
     out += header.fingerprint
     out.append(flags)
+    if flags & FLAG_FAMILY:
+        out.append(family)
     if flags & FLAG_SIZE:
         _put_varint(out, header.width)
         _put_varint(out, header.height)
@@ -213,8 +233,14 @@ def parse(data: bytes) -> tuple:
     reader.pos = 1 + FINGERPRINT_BYTES
     fingerprint = body[1 : 1 + FINGERPRINT_BYTES]
     flags = reader.byte("flags")
-    if flags & ~(FLAG_SIZE | FLAG_SEED | FLAG_HINTS):
+    if flags & ~(FLAG_SIZE | FLAG_SEED | FLAG_HINTS | FLAG_FAMILY):
         raise BitstreamError(f"corrupt bitstream: unknown flags 0x{flags:02x}")
+    family = "perco-sd"
+    if flags & FLAG_FAMILY:
+        family_id = reader.byte("model family")
+        if family_id == 0 or family_id not in _FAMILY_NAMES:  # 0 is written as a clear flag, never explicitly
+            raise BitstreamError(f"corrupt bitstream or newer format: unknown model family id {family_id}")
+        family = _FAMILY_NAMES[family_id]
     width, height = DEFAULT_SIZE
     if flags & FLAG_SIZE:
         width, height = reader.varint("image width"), reader.varint("image height")
@@ -241,7 +267,7 @@ def parse(data: bytes) -> tuple:
     caption = reader.stream(caption_size, "caption")
     rest = len(body) - reader.pos
     indices = reader.stream(rest, "index")
-    header = Header(bytes(fingerprint), width, height, seed, Hints(steps, guidance))
+    header = Header(bytes(fingerprint), width, height, seed, Hints(steps, guidance), family)
     sections = Sections(header=header_len, caption=caption_size, indices=rest, check=CRC_BYTES)
     return header, caption, indices, sections
 
@@ -249,8 +275,9 @@ def parse(data: bytes) -> tuple:
 # --- payload: caption ids + indices <-> streams ---------------------------------------------
 
 
-def pack(header: Header, caption_ids, indices: np.ndarray, spec: StreamSpec) -> bytes:
-    """Entropy-code the caption and the indices and serialize a complete bitstream."""
+def pack(header: Header, caption_ids, indices: np.ndarray, spec: StreamSpec, backend=None) -> bytes:
+    """Entropy-code the caption and the indices (with the spec's index coder, which may run networks on
+    `backend`) and serialize a complete bitstream."""
     caption_ids = np.asarray(caption_ids, dtype=np.int64).reshape(-1)[: spec.tokens.max_content]
     rows, cols = spec.token_grid(header.width, header.height)
     if indices.shape != (rows, cols):
@@ -262,19 +289,22 @@ def pack(header: Header, caption_ids, indices: np.ndarray, spec: StreamSpec) -> 
     if caption_ids.size < layout.max_content:
         symbols = np.append(caption_ids, layout.eos_id)
     caption_words = encode_symbols(symbols, caption_table(layout.vocab_size, layout.eos_id, layout.bos_id))
-    index_words = encode_symbols(indices.reshape(-1), uniform_table(spec.codebook_size))
+    index_words = spec.coder().encode(indices, backend)
     return serialize(header, caption_words, index_words)
 
 
-def unpack(data: bytes, spec: StreamSpec) -> tuple:
+def unpack(data: bytes, spec: StreamSpec, backend=None) -> tuple:
     """bytes -> (Header, caption content ids, indices [rows, cols]). Any defect -> BitstreamError."""
     header, caption_words, index_words, _ = parse(data)
+    if header.family != spec.family:
+        raise BitstreamError(f"this is a {header.family} bitstream, but the model is {spec.family}: decode it "
+                             f"with a {header.family} model")
     if header.fingerprint != spec.fingerprint[:FINGERPRINT_BYTES]:
         raise BitstreamError(
             f"bitstream was made for model {header.fingerprint.hex()}, but this model is "
             f"{spec.fingerprint[:FINGERPRINT_BYTES].hex()}: decode it with the model (and rate) that encoded it"
         )
-    return header, decode_caption(caption_words, spec.tokens), decode_indices(index_words, header, spec)
+    return header, decode_caption(caption_words, spec.tokens), decode_indices(index_words, header, spec, backend)
 
 
 def decode_caption(words: np.ndarray, layout: TokenLayout) -> np.ndarray:
@@ -292,9 +322,5 @@ def decode_caption(words: np.ndarray, layout: TokenLayout) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def decode_indices(words: np.ndarray, header: Header, spec: StreamSpec) -> np.ndarray:
-    rows, cols = spec.token_grid(header.width, header.height)
-    table = uniform_table(spec.codebook_size)
-    # No lower bound on bytes per token: rANS codes a trailing run of symbol 0 in zero bytes, so an
-    # empty stream is a valid all-zero grid. Work stays bounded by MAX_SIDE.
-    return decode_symbols(words, table, rows * cols, "index").reshape(rows, cols)
+def decode_indices(words: np.ndarray, header: Header, spec: StreamSpec, backend=None) -> np.ndarray:
+    return spec.coder().decode(words, spec.token_grid(header.width, header.height), backend)

@@ -309,6 +309,7 @@ def cmd_info(args) -> None:
     pixels = header.width * header.height
     info = {
         "version": bitstream.VERSION,
+        "family": header.family,
         "fingerprint": header.fingerprint.hex(),
         "width": header.width,
         "height": header.height,
@@ -339,7 +340,7 @@ def cmd_info(args) -> None:
         print(json.dumps(info, indent=2))
         return
     b = info["bytes"]
-    print(f"PerCo Engine bitstream v{info['version']}, model {info['fingerprint']}")
+    print(f"PerCo Engine bitstream v{info['version']}, {info['family']} model {info['fingerprint']}")
     print(f"  image     {header.width}x{header.height}, seed {header.seed}, hints {info['hints']}")
     print(f"  total     {b['total']:6d} bytes  {info['bpp']['total']:.4f} bpp")
     print(f"  framing   {b['framing']:6d} bytes  (header {b['header']}, check {b['check']})")

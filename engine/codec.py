@@ -127,8 +127,9 @@ class Codec:
                 caption_ids = self._tokenize(caption)
             bar.update()
             with t.stage("entropy_encode"):
-                header = Header(self.model.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, hints)
-                data = bitstream.pack(header, caption_ids, indices, self.model.stream_spec)
+                header = Header(self.model.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, hints,
+                                self.model.family)
+                data = bitstream.pack(header, caption_ids, indices, self.model.stream_spec, self.backend)
             bar.update()
         finally:
             bar.close()
@@ -182,7 +183,7 @@ class Codec:
             return []
         self.timings = t = StageTimings()
         with t.stage("entropy_decode"):
-            decoded = [bitstream.unpack(data, self.model.stream_spec) for data in datas]
+            decoded = [bitstream.unpack(data, self.model.stream_spec, self.backend) for data in datas]
         headers = [header for header, _, _ in decoded]
         sizes = {(h.width, h.height) for h in headers}
         if len(sizes) > 1:

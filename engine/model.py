@@ -128,6 +128,7 @@ class ModelSpec:
     tokenizer_dir: Optional[Path] = None  # for compressing captions; decoding never needs it
     sizes: Optional[NetworkSizes] = None  # for the decode size limit; None in exports made before it
     extra_tokens: tuple = ()  # ((text_encoder input, TokenLayout), ...) beyond input_ids (PerCoV2's CLIP-G)
+    index_coder: str = "uniform"  # how the token indices are entropy coded (perco.engine.entropy.index_coders)
 
     def text_input_ids(self, caption_ids) -> dict:
         """The text_encoder inputs for one caption's content ids: input_ids (+ the family's others)."""
@@ -155,6 +156,8 @@ class ModelSpec:
             codebook_size=self.rate.codebook_size,
             token_stride=self.rate.token_stride,
             pad_multiple=self.pad_multiple,
+            family=self.family,
+            index_coder=self.index_coder,
         )
 
     def describe(self) -> str:
@@ -175,6 +178,7 @@ class ModelSpec:
             "pad_multiple": self.pad_multiple,
             **({"sizes": self.sizes.to_dict()} if self.sizes else {}),
             **({"extra_tokens": {name: asdict(t) for name, t in self.extra_tokens}} if self.extra_tokens else {}),
+            **({"index_coder": self.index_coder} if self.index_coder != "uniform" else {}),
         }
 
     @classmethod
@@ -191,6 +195,7 @@ class ModelSpec:
                 sizes=NetworkSizes.from_dict(d["sizes"]) if "sizes" in d else None,
                 extra_tokens=tuple((str(name), TokenLayout(**{k: int(v) for k, v in t.items()}))
                                    for name, t in (d.get("extra_tokens") or {}).items()),
+                index_coder=str(d.get("index_coder", "uniform")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model description is malformed: {exc!r}") from None

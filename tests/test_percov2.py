@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import CLIP_TOKENIZER, init_tiny
-from perco.engine import Codec
+from perco.engine import Codec, bitstream
 from perco.engine.demo import sample_image
 from perco.engine.errors import BitstreamError, ModelError
 from perco.engine.families.percov2 import PERCOV2, T5_TOKENS
@@ -101,11 +101,34 @@ def test_families_refuse_each_others_bitstreams(codecs, codec):
     torch_v2, _ = codecs
     image = sample_image(96, 64)
     v2_data, sd_data = torch_v2.compress(image), codec.compress(image)
-    with pytest.raises(BitstreamError):
+    with pytest.raises(BitstreamError, match="this is a percov2 bitstream, but the model is perco-sd"):
         codec.decompress(v2_data, steps=1)
-    with pytest.raises(BitstreamError):
+    with pytest.raises(BitstreamError, match="this is a perco-sd bitstream, but the model is percov2"):
         torch_v2.decompress(sd_data, steps=1)
     assert torch_v2.model.fingerprint != codec.model.fingerprint
+    assert bitstream.parse(v2_data)[0].family == "percov2" and v2_data[5] & bitstream.FLAG_FAMILY
+    assert not sd_data[5] & bitstream.FLAG_FAMILY  # PerCo (SD) streams keep their v1 bytes
+
+
+def test_cross_family_file_is_one_error_line(codecs, v2_model, tiny_model, tmp_path, capsys):
+    from perco.engine.cli import main
+
+    path = tmp_path / "v2.perco"
+    path.write_bytes(codecs[0].compress(sample_image(96, 64)))
+    assert main(["decompress", str(path), "-o", str(tmp_path / "x.png"), "--model", str(tiny_model)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this is a percov2 bitstream" in err[0] and not (tmp_path / "x.png").exists()
+    assert main(["info", str(path)]) == 0 and "percov2 model" in capsys.readouterr().out
+
+
+def test_unknown_family_id_is_refused():
+    import struct
+    import zlib
+
+    body = bytearray([0xB1, 0, 0, 0, 0, bitstream.FLAG_FAMILY, 7, 0])
+    data = bytes(body) + struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(BitstreamError, match="unknown model family id 7"):
+        bitstream.parse(data)
 
 
 def test_unknown_percov2_rate_names_the_family(tmp_path, capsys):
