@@ -25,7 +25,8 @@ def make_bitstream(spec, width: int, height: int, seed: int = 0) -> bytes:
     m, stride = spec.pad_multiple, spec.rate.token_stride
     grid = (-(-height // m) * m // stride, -(-width // m) * m // stride)
     indices = np.random.default_rng(seed).integers(0, spec.rate.codebook_size, size=grid)
-    header = bitstream.Header(spec.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, bitstream.Hints())
+    header = bitstream.Header(spec.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, bitstream.Hints(),
+                              spec.family)
     return bitstream.pack(header, np.zeros(0, np.int64), indices, spec.stream_spec)
 
 

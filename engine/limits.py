@@ -44,6 +44,7 @@ class NetworkSizes:
     vae_channels: int  # VAE block_out_channels[0]: the channels at full image resolution
     weights_bytes: int  # all weights, float32
     latent_factor: int = 8  # image pixels per latent pixel
+    max_side: int = 0  # padded image pixels a side the network can take at all (0: no bound), e.g. SD3's position table
 
     @classmethod
     def from_configs(cls, unet: dict, vae: dict, weights_bytes: int) -> "NetworkSizes":
@@ -161,8 +162,9 @@ class DecodeLimit:
         """DecodeLimitError naming how to raise the limit; `padded` is (height, width) as the networks see it."""
         if self.max_size is not None and (padded[0] > self.max_size[0] or padded[1] > self.max_size[1]):
             raise DecodeLimitError(
-                f"image {width}x{height} (padded {padded[1]}x{padded[0]}) is outside the engines' profile, at most "
-                f"{self.max_size[1]}x{self.max_size[0]}; rebuild them with 'perco build --height/--width'")
+                f"image {width}x{height} (padded {padded[1]}x{padded[0]}) is larger than this model and backend take, "
+                f"at most {self.max_size[1]}x{self.max_size[0]} (the network's position table, or the engines' "
+                "profile: rebuild them with 'perco build --height/--width')")
         limit, what = self.max_pixels, "decode"
         if encode and self.max_encode_pixels is not None and (limit is None or self.max_encode_pixels < limit):
             limit, what = self.max_encode_pixels, "encode"
@@ -189,10 +191,14 @@ def parse_max_pixels(value) -> Optional[int]:
 def decode_limit(sizes: Optional[NetworkSizes], backend: BackendMemory, max_pixels=None, batch: int = 1) -> DecodeLimit:
     """The limit for this model and backend: `max_pixels` (argument, else PERCO_MAX_PIXELS) if set, else the estimate."""
     override = parse_max_pixels(max_pixels if max_pixels is not None else os.environ.get(MAX_PIXELS_ENV))
+    max_size = backend.max_size
+    if sizes is not None and sizes.max_side:
+        side = (sizes.max_side, sizes.max_side)
+        max_size = side if max_size is None else (min(max_size[0], side[0]), min(max_size[1], side[1]))
     if override is not None:
-        return DecodeLimit(override, backend.max_size, "set by --max-pixels or " + MAX_PIXELS_ENV)
+        return DecodeLimit(override, max_size, "set by --max-pixels or " + MAX_PIXELS_ENV)
     if backend.memory_bytes is None:
-        return DecodeLimit(None, backend.max_size, "")
+        return DecodeLimit(None, max_size, "")
     sizes = sizes or SD21_SIZES
     budget = MEMORY_FRACTION * backend.memory_bytes
 
@@ -208,6 +214,6 @@ def decode_limit(sizes: Optional[NetworkSizes], backend: BackendMemory, max_pixe
         latent = largest(VAE_TILE_ABOVE, 2048 * 2048, True)
     encode = largest(0, 2048 * 2048, None, encode=True)
     gib = backend.memory_bytes / 2**30
-    return DecodeLimit(latent * sizes.latent_factor**2, backend.max_size,
+    return DecodeLimit(latent * sizes.latent_factor**2, max_size,
                        f"estimated peak memory on {backend.name} within {MEMORY_FRACTION:.0%} of {gib:.1f} GiB available",
                        min(encode, latent) * sizes.latent_factor**2)

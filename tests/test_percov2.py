@@ -162,3 +162,15 @@ def test_tensorrt_rtx_builds_every_graph(v2_artifacts, tmp_path, precision):
         assert (out / entry["file"]).stat().st_size == entry["bytes"] > 0
         if precision == "fp16" and entry["vs_fp32"]["metric"] == "max_rel_error":
             assert 0 < entry["vs_fp32"]["value"] < 1e-2  # measured 5e-4 to 3e-3 at the opt shapes
+
+
+def test_position_table_bounds_the_size(codecs):
+    """The tiny MMDiT's position table covers 128 patches a side: 2048 pixels; larger images are refused
+    before any network runs (here: a header claiming 4096 x 512)."""
+    from perco.benchmarks.decode_memory import make_bitstream
+    from perco.engine.errors import DecodeLimitError
+
+    torch_codec, _ = codecs
+    assert torch_codec.limit.max_size == (2048, 2048)
+    with pytest.raises(DecodeLimitError, match="at most 2048x2048"):
+        torch_codec.decompress(make_bitstream(torch_codec.model, 4096, 512), steps=1)

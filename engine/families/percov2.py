@@ -79,7 +79,8 @@ def _network_sizes(configs: dict, weights_bytes: int) -> NetworkSizes:
     patch = int(t["patch_size"])
     return NetworkSizes(unet_channels=max(1, t["num_attention_heads"] * t["attention_head_dim"] // patch**2),
                         unet_heads=int(t["num_attention_heads"]), unet_attention_level=patch.bit_length() - 1,
-                        vae_channels=int(configs["vae"]["block_out_channels"][0]), weights_bytes=int(weights_bytes))
+                        vae_channels=int(configs["vae"]["block_out_channels"][0]), weights_bytes=int(weights_bytes),
+                        max_side=int(t["pos_embed_max_size"]) * patch * 8)
 
 
 PERCOV2 = register(Family(
