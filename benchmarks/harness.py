@@ -68,18 +68,16 @@ def count_flops(codec: Codec, width: int, height: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from perco.export.graphs import sample_inputs, symbol_sizes
+    from perco.export.graphs import model_constants, sample_inputs, symbol_sizes
 
     spec = codec.model
-    graphs = codec.backend.graphs
+    graphs, contract = codec.backend.graphs, codec.backend.contract
     pad = spec.pad_multiple
     H, W = -(-height // pad) * pad, -(-width // pad) * pad
-    text = graphs["text_encoder"].text_encoder.config.hidden_size
-    local = graphs["local_features"].hyper_enc.quantizer.project_out.out_features
-    sizes = symbol_sizes(_profile(H, W), spec.rate.token_stride, {"D": text, "M": local})
+    sizes = symbol_sizes(_profile(H, W), spec.rate.token_stride, model_constants(codec.backend.info))
     flops = {}
     for name in ("text_encoder", "local_features", "denoiser", "vae_decoder", "vae_encoder", "hyper_encoder"):
-        args = sample_inputs(name, sizes, spec.tokens.vocab_size, spec.rate.codebook_size)
+        args = sample_inputs(name, sizes, spec.tokens.vocab_size, spec.rate.codebook_size, contract=contract)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             graphs[name](*args)

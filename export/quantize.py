@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from perco.engine import families
 from perco.engine.errors import PercoError
 from perco.engine.files import atomic_json, copy_folder
 from perco.engine.graphs import GRAPHS
@@ -143,6 +144,9 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     if artifacts.resolve() == out.resolve():
         raise PercoError("write quantized artifacts to another folder than the FP32 ones")
     manifest = read_manifest(artifacts)
+    family = families.of_manifest(manifest)
+    if family.name != "perco-sd":  # calibration replays PerCo (SD)'s DDIM pipeline (pipeline_feeds)
+        raise PercoError(f"quantize calibrates PerCo (SD) artifacts only; {family.title} is not supported yet")
     if manifest.get("quantization"):
         raise PercoError(f"{artifacts} is already quantized ({manifest['quantization']}); start from FP32 artifacts")
     opt = manifest["graphs"]["vae_encoder"]["shapes"]["image"]["opt"]  # [B, 3, H, W]

@@ -17,6 +17,7 @@ class TorchBackend:
     max_size = None  # bounded by memory only (perco.engine.limits)
 
     def __init__(self, model: ModelInfo):
+        self.info = model
         self.contract = model.family.graphs
         self.graphs = model_graphs(model)
 

@@ -174,3 +174,13 @@ def test_position_table_bounds_the_size(codecs):
     assert torch_codec.limit.max_size == (2048, 2048)
     with pytest.raises(DecodeLimitError, match="at most 2048x2048"):
         torch_codec.decompress(make_bitstream(torch_codec.model, 4096, 512), steps=1)
+
+
+def test_bench_smoke_and_quantize_refusal(v2_model, v2_artifacts, tmp_path, capsys):
+    from perco.engine.cli import main
+
+    assert main(["bench", "--smoke", "--model", str(v2_model), "--out", str(tmp_path / "bench")]) == 0
+    assert (tmp_path / "bench.json").is_file()
+    capsys.readouterr()
+    assert main(["quantize", "--artifacts", str(v2_artifacts), "-o", str(tmp_path / "q")]) == 1
+    assert "PerCoV2 is not supported yet" in capsys.readouterr().err and not (tmp_path / "q").exists()
