@@ -390,8 +390,6 @@ def load_model(info: ModelInfo, names=("unet", "vae", "text_encoder", "hyper_enc
 
 def write_model_folder(config: PercoSDConfig, folder: Path, seed: int, tokenizer_dir=None) -> Path:
     """Write a seeded, random model in the released folder layout and return the folder."""
-    from safetensors.torch import save_file
-
     from perco.export.models.tokenizer import copy_tokenizer, write_builtin_tokenizer
 
     folder = Path(folder)
@@ -407,17 +405,7 @@ def write_model_folder(config: PercoSDConfig, folder: Path, seed: int, tokenizer
         "hyper_enc": config.hyper_enc,
     }
     torch.manual_seed(seed)
-    modules = build_modules(configs)
-    with torch.no_grad():
-        embed = modules["hyper_enc"].quantizer._codebook.embed
-        embed.copy_(F.normalize(torch.randn_like(embed), dim=-1))  # released codebooks are unit-norm
-    for name, module in modules.items():
-        (folder / name).mkdir(exist_ok=True)
-        _write_json(folder / name / COMPONENTS[name][0], configs[name])
-        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(folder / name / COMPONENTS[name][1]))
-    (folder / "scheduler").mkdir(exist_ok=True)
-    _write_json(folder / SCHEDULER_CONFIG, config.scheduler)
+    save_components(folder, build_modules(configs), configs, COMPONENTS, config.scheduler)
     _write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusionPipeline",
         "hyper_enc": ["hyper_encoder", "HyperEncoder"],
@@ -428,6 +416,23 @@ def write_model_folder(config: PercoSDConfig, folder: Path, seed: int, tokenizer
         "vae": ["diffusers", "AutoencoderKL"],
     })  # fmt: skip
     return folder
+
+
+def save_components(folder: Path, modules: dict, configs: dict, components: dict, scheduler: dict) -> None:
+    """Write each module's config and safetensors weights into its component folder, and the scheduler
+    config; the hyper-encoder's codebook rows are made unit-norm first, as in released checkpoints."""
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        embed = modules["hyper_enc"].quantizer._codebook.embed
+        embed.copy_(F.normalize(torch.randn_like(embed), dim=-1))
+    for name, module in modules.items():
+        (folder / name).mkdir(exist_ok=True)
+        _write_json(folder / name / components[name][0], configs[name])
+        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(folder / name / components[name][1]))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    _write_json(folder / SCHEDULER_CONFIG, scheduler)
 
 
 def _write_json(path: Path, value: dict) -> None:

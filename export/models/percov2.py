@@ -3,7 +3,6 @@ SD3 VAE, CLIP-L and CLIP-G text encoders with projections, and PerCo's hyper-enc
 16-channel latent. Folder layout: diffusers' StableDiffusion3Pipeline plus hyper_enc/ (T5 is
 optional in SD3 and not used here: zeros stand in for its states). See docs/percov2.md."""
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from perco.engine.families.percov2 import PERCOV2, RATES, T5_TOKENS
-from perco.engine.model import SCHEDULER_CONFIG, ModelInfo
-from perco.export.models.perco_sd import HyperEncoder, _quiet_from_config, load_strict
+from perco.engine.model import ModelInfo
+from perco.export.models.perco_sd import HyperEncoder, _quiet_from_config, _write_json, load_strict, save_components
 
 COMPONENTS = PERCOV2.components
 
@@ -215,8 +214,6 @@ def graph_constants(configs: dict) -> dict:
 
 def write_model_folder(config: PercoV2Config, folder: Path, seed: int, tokenizer_dir=None) -> Path:
     """A seeded, random PerCoV2 model in the SD3 diffusers layout plus hyper_enc/."""
-    from safetensors.torch import save_file
-
     from perco.export.models.tokenizer import copy_tokenizer, set_pad_token, write_builtin_tokenizer
 
     folder = Path(folder)
@@ -236,17 +233,7 @@ def write_model_folder(config: PercoV2Config, folder: Path, seed: int, tokenizer
     pooled = configs["text_encoder"]["projection_dim"] + configs["text_encoder_2"]["projection_dim"]
     assert clip_width <= config.transformer["joint_attention_dim"] and pooled == config.transformer["pooled_projection_dim"]
     torch.manual_seed(seed)
-    modules = build_modules(configs)
-    with torch.no_grad():
-        embed = modules["hyper_enc"].quantizer._codebook.embed
-        embed.copy_(F.normalize(torch.randn_like(embed), dim=-1))  # unit-norm codebook, as PerCo (SD)'s
-    for name, module in modules.items():
-        (folder / name).mkdir(exist_ok=True)
-        _write_json(folder / name / COMPONENTS[name][0], configs[name])
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
-                  str(folder / name / COMPONENTS[name][1]))
-    (folder / "scheduler").mkdir(exist_ok=True)
-    _write_json(folder / SCHEDULER_CONFIG, config.scheduler)
+    save_components(folder, build_modules(configs), configs, COMPONENTS, config.scheduler)
     _write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusion3Pipeline",
         "hyper_enc": ["hyper_encoder", "HyperEncoder"],
@@ -261,7 +248,3 @@ def write_model_folder(config: PercoV2Config, folder: Path, seed: int, tokenizer
         "vae": ["diffusers", "AutoencoderKL"],
     })  # fmt: skip
     return folder
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
