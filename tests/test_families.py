@@ -42,3 +42,18 @@ def test_manifest_family(tiny_model):
     spec = ModelInfo(tiny_model).spec
     assert families.of_manifest({"model": spec.to_dict()}).name == "perco-sd"
     assert families.of_manifest({}).name == "perco-sd"  # manifests written before families
+
+
+def test_a_folder_is_opened_and_fingerprinted_once(tiny_model, tmp_path, monkeypatch):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    hashed = []
+    original = ModelInfo.fingerprint.func
+    monkeypatch.setattr(ModelInfo, "fingerprint", property(lambda self: hashed.append(1) or original(self)))
+    first = ModelInfo.open(copy)
+    assert ModelInfo.open(copy) is first and ModelInfo.open(str(copy)) is first
+    first.spec, first.spec  # the spec (and its fingerprint) is computed once per object
+    assert len(hashed) == 1
+    config = copy / "unet" / "config.json"
+    config.write_text(config.read_text() + " ")  # a changed file is a new folder state
+    assert ModelInfo.open(copy) is not first
