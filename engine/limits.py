@@ -168,10 +168,12 @@ class DecodeLimit:
         limit, what = self.max_pixels, "decode"
         if encode and self.max_encode_pixels is not None and (limit is None or self.max_encode_pixels < limit):
             limit, what = self.max_encode_pixels, "encode"
-        if limit is not None and width * height > limit:
+        pixels = padded[0] * padded[1]  # what the networks run on: a 1 x 16384 claim is 64 x 16384 of work
+        if limit is not None and pixels > limit:
+            size = f"{width}x{height}" + (f", padded to {padded[1]}x{padded[0]}" if (height, width) != padded else "")
             raise DecodeLimitError(
-                f"image {width}x{height} ({width * height / 1e6:.2f} Mpx) is over the {what} limit of "
-                f"{limit / 1e6:.2f} Mpx ({self.reason}); raise it with --max-pixels N or {MAX_PIXELS_ENV}=N")
+                f"image {size} ({pixels / 1e6:.2f} Mpx) is over the {what} limit of {limit / 1e6:.2f} Mpx "
+                f"({self.reason}); raise it with --max-pixels N or {MAX_PIXELS_ENV}=N")
 
 
 def parse_max_pixels(value) -> Optional[int]:

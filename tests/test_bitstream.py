@@ -126,43 +126,4 @@ def test_empty_index_stream_is_an_all_zero_grid():
     assert not bitstream.unpack(empty, SPEC)[2].any()
 
 
-def _fuzz_inputs(count: int, rng):
-    seeds = [make(w, h, s, hint, cap)[0] for w, h, s, hint, cap in
-             [(512, 512, 0, Hints(), CAPTION), (96, 40, 3, Hints(steps=4), []), (33, 17, 0, Hints(), CAPTION[:2])]]
-    for i in range(count):
-        kind = i % 4
-        if kind == 0:  # random bytes, sometimes with a valid magic byte
-            data = bytearray(rng.integers(0, 256, rng.integers(0, 64)).astype(np.uint8).tobytes())
-            if data and rng.random() < 0.5:
-                data[0] = 0xB1
-            yield bytes(data)
-            continue
-        data = bytearray(seeds[rng.integers(len(seeds))])
-        for _ in range(rng.integers(1, 4)):  # flip, overwrite, insert or delete bytes
-            op, pos = rng.integers(4), int(rng.integers(len(data)))
-            if op == 0:
-                data[pos] ^= 1 << int(rng.integers(8))
-            elif op == 1:
-                data[pos] = int(rng.integers(256))
-            elif op == 2:
-                data.insert(pos, int(rng.integers(256)))
-            elif len(data) > 1:
-                del data[pos]
-        if kind >= 2 and len(data) > 4:  # fix the CRC so the mutation reaches the parser and coders
-            data = bytearray(_with_crc(bytes(data[:-4])))
-        yield bytes(data)
-
-
-def test_fuzz_decodes_or_raises_bitstream_error():
-    rng = np.random.default_rng(1234)
-    outcomes = {"ok": 0, "error": 0}
-    for data in _fuzz_inputs(4000, rng):
-        try:
-            header, caption, indices = bitstream.unpack(data, SPEC)
-        except BitstreamError:
-            outcomes["error"] += 1
-        else:
-            outcomes["ok"] += 1
-            assert indices.shape == SPEC.token_grid(header.width, header.height)
-            assert caption.size <= 75 and (caption < 49408).all()
-    assert outcomes["error"] > 2000  # most mutations must be caught
+# Fuzzing (random and mutated inputs, CRC fixed up): tests/test_fuzz.py and perco.benchmarks.fuzz.

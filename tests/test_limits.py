@@ -74,9 +74,11 @@ def test_limit_override_and_errors(monkeypatch):
     with pytest.raises(UsageError):
         limits.parse_max_pixels("0")
     limit = limits.DecodeLimit(10000, (512, 512), "test")
-    limit.check(100, 100, (128, 128))
+    limit.check(100, 100, (100, 100))
     with pytest.raises(DecodeLimitError, match="over the decode limit"):
-        limit.check(101, 100, (128, 128))
+        limit.check(101, 100, (100, 101))
+    with pytest.raises(DecodeLimitError, match=r"1x100, padded to 128x128 \(0.02 Mpx\)"):
+        limit.check(1, 100, (128, 128))  # the padded size is what counts: the networks run on it
     with pytest.raises(DecodeLimitError, match="at most 512x512"):
         limit.check(64, 64, (576, 64))
 
