@@ -232,6 +232,10 @@ class ModelInfo:
         if not self.folder.is_dir():
             raise ModelError(f"model folder {self.folder} does not exist")
         self.family = family = _family_of(self.folder)
+        for name in family.refused_components:
+            if (self.folder / name).is_dir():
+                raise ModelError(f"{self.folder / name}: {family.title} runs without this component here (see "
+                                 f"docs/percov2.md); remove it, or use a folder without it")
         components = family.components
         self.configs = {name: read_json(self.folder / name / files[0]) for name, files in components.items()}
         for name, (_, weights) in components.items():

@@ -184,3 +184,14 @@ def test_bench_smoke_and_quantize_refusal(v2_model, v2_artifacts, tmp_path, caps
     capsys.readouterr()
     assert main(["quantize", "--artifacts", str(v2_artifacts), "-o", str(tmp_path / "q")]) == 1
     assert "PerCoV2 is not supported yet" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_a_t5_text_encoder_is_refused_not_ignored(v2_model, tmp_path):
+    """The family runs with zeros where SD3 has T5; a folder carrying T5 must not be silently misread."""
+    import shutil
+
+    with_t5 = tmp_path / "model"
+    shutil.copytree(v2_model, with_t5)
+    (with_t5 / "text_encoder_3").mkdir()
+    with pytest.raises(ModelError, match="text_encoder_3: PerCoV2 runs without this component"):
+        ModelInfo(with_t5)

@@ -32,6 +32,7 @@ class Family:
     steps: Tuple[int, int, float]  # (steps below the rate threshold, steps at or above, threshold in bpp)
     rates: Dict[str, Tuple[int, int]]  # preset rate -> (token grid side at reference_side, codebook size)
     text_inputs: Tuple[Tuple[str, str], ...] = (("input_ids", "tokenizer"),)  # text_encoder input <- tokenizer folder
+    refused_components: Tuple[str, ...] = ()  # folders this engine does not run yet: refused, never ignored
     reference_side: int = 512
     network_sizes: Optional[Callable] = field(default=None, compare=False)  # (configs, weights bytes) -> NetworkSizes
 

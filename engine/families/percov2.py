@@ -101,6 +101,7 @@ PERCOV2 = register(Family(
     latent_factor=8,
     text_inputs=(("input_ids", "tokenizer"), ("input_ids_2", "tokenizer_2")),
     text_outputs=("text_embeddings", "pooled_projections"),
+    refused_components=("text_encoder_3",),  # T5-XXL: zeros stand in for it (docs/percov2.md)
     schedules=("FlowSchedule",),
     guidance=3.0,
     steps=(20, 20, 0.05),
