@@ -20,9 +20,9 @@ import numpy as np
 from perco.engine import families
 from perco.engine.errors import PercoError
 from perco.engine.files import atomic_json, copy_folder
-from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, file_sha256, read_manifest
 from perco.engine.model import ModelSpec
+from perco.engine.sampling import FlowSchedule
 from perco.export.build import compare_graphs
 
 # The denoiser runs at every step and holds nearly all of the decode's FLOPs; the text encoder runs
@@ -82,31 +82,39 @@ def pipeline_feeds(artifacts: Path, manifest: dict, images: list, seed: int) -> 
     from perco.engine.noise import gaussian_noise
 
     spec = ModelSpec.from_dict(manifest["model"])
+    family = families.of_manifest(manifest)
     sessions = {name: ort.InferenceSession(str(artifacts / manifest["graphs"][name]["file"]),
-                                           providers=["CPUExecutionProvider"]) for name in GRAPHS}
+                                           providers=["CPUExecutionProvider"]) for name in family.graphs}
     rng = np.random.default_rng(seed)
-    feeds = {name: [] for name in GRAPHS}
-    empty = spec.tokens.input_ids([])[None]
+    feeds = {name: [] for name in family.graphs}
+    text_names = [n for n, _, _ in family.graphs["text_encoder"].outputs]
     for i, image in enumerate(images):
         x = to_model_input(image)
         latent = sessions["vae_encoder"].run(None, {"image": x})[0]
         indices = sessions["hyper_encoder"].run(None, {"latent": latent})[0]
         local = sessions["local_features"].run(None, {"indices": indices})[0]
         caption = rng.integers(300, 20000, int(rng.integers(3, 20))) % spec.tokens.vocab_size
-        ids = np.concatenate([empty, spec.tokens.input_ids(caption)[None]])
-        text = sessions["text_encoder"].run(None, {"input_ids": ids})[0]  # [2, 77, D]: (uncond, cond)
+        both = [spec.text_input_ids([]), spec.text_input_ids(caption)]  # (uncond, cond)
+        ids = {name: np.stack([b[name] for b in both]) for name in both[0]}
+        text = dict(zip(text_names, sessions["text_encoder"].run(text_names, ids)))  # e.g. [2, 77, D]
         feeds["vae_encoder"].append({"image": x})
         feeds["hyper_encoder"].append({"latent": latent})
         feeds["local_features"].append({"indices": indices})
-        feeds["text_encoder"].append({"input_ids": ids})
+        feeds["text_encoder"].append(ids)
         feeds["vae_decoder"].append({"latent": latent})
-        alphas = spec.schedule.alphas_cumprod
         for t in (999, 700, 400, 100):  # noisy latents as the sampler makes them
             noise = gaussian_noise(seed * 1000 + i * 10 + t, latent.shape)
-            sample = (np.sqrt(alphas[t]) * latent + np.sqrt(1 - alphas[t]) * noise).astype(np.float32)
+            if isinstance(spec.schedule, FlowSchedule):  # x_sigma = (1 - sigma) x_0 + sigma noise
+                sigma = float(spec.schedule.shifted(np.float64((t + 1) / 1000)))
+                sample, timestep = (1 - sigma) * latent + sigma * noise, sigma * 1000
+            else:
+                alpha = spec.schedule.alphas_cumprod[t]
+                sample, timestep = np.sqrt(alpha) * latent + np.sqrt(1 - alpha) * noise, t
+            sample = sample.astype(np.float32)
             feeds["denoiser"].append({"sample": np.concatenate([sample, sample]),
-                                      "timestep": np.full(2, t, np.float32), "text_embeddings": text,
-                                      "local_features": np.concatenate([local, local])})
+                                      "timestep": np.full(2, timestep, np.float32),
+                                      "local_features": np.concatenate([local, local]),
+                                      **{k: text[k] for k in family.text_outputs}})
     return feeds
 
 
@@ -145,8 +153,6 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
         raise PercoError("write quantized artifacts to another folder than the FP32 ones")
     manifest = read_manifest(artifacts)
     family = families.of_manifest(manifest)
-    if family.name != "perco-sd":  # calibration replays PerCo (SD)'s DDIM pipeline (pipeline_feeds)
-        raise PercoError(f"quantize calibrates PerCo (SD) artifacts only; {family.title} is not supported yet")
     if manifest.get("quantization"):
         raise PercoError(f"{artifacts} is already quantized ({manifest['quantization']}); start from FP32 artifacts")
     opt = manifest["graphs"]["vae_encoder"]["shapes"]["image"]["opt"]  # [B, 3, H, W]
@@ -164,7 +170,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     out.mkdir(parents=True, exist_ok=True)
     new = json.loads(json.dumps(manifest))
     report = {}
-    for name in GRAPHS:
+    for name in family.graphs:
         entry = manifest["graphs"][name]
         files = list(entry["sha256"])
         if name not in graphs:
