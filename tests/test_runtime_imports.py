@@ -65,3 +65,22 @@ def test_torch_side_registers_through_entry_points():
     from perco.engine.cli import build_parser
 
     assert {"init-tiny", "export", "check", "build", "quantize", "bench"} <= set(build_parser().handlers)
+
+
+def test_every_package_is_installed():
+    """A fresh, non-editable install ships every package folder (a missing entry only fails there)."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import pytest
+
+        pytest.skip("tomllib needs Python 3.11")
+    root = Path(__file__).parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    for package, folder in setup["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            assert ".".join((package, *rel)) in listed, f"{init.parent} is not in pyproject.toml's packages"
