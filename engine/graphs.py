@@ -1,7 +1,8 @@
-"""The networks the runtime calls, by name, with their input and output names.
+"""The graph contract type, and PerCo (SD)'s contract: the networks the runtime calls, by name, with
+their input and output names (PerCoV2's is in `perco.engine.families.percov2`).
 
-Every backend implements `run(graph, inputs) -> outputs` over exactly these names; the export
-side builds its modules and ONNX graphs against the same contract. Shapes use B for batch,
+Every backend implements `run(graph, inputs) -> outputs` over exactly the model family's names; the
+export side builds its modules and ONNX graphs against the same contract. Shapes use B for batch,
 H x W for the padded image, h x w = H/8 x W/8 for the latent, gh x gw for the token grid,
 D for the text width and M for the local-feature channels.
 """
