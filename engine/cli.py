@@ -287,8 +287,8 @@ def cmd_decompress(args) -> None:
     from perco.engine import bitstream
     from perco.engine.imageio import check_output, output_format, save_image
 
+    check_output(args.output)  # a device or special file first: its name has no image extension to complain of
     output_format(args.output)
-    check_output(args.output)
     data = _read_bitstream(args.input)
     header = bitstream.parse(data)[0]  # a corrupt or truncated file fails here, before any model loads
     spec, limit = _limit(args)

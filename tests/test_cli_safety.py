@@ -106,6 +106,11 @@ def test_output_format_follows_extension(ext, fmt, stream, tiny_model, tmp_path,
     assert Image.open(out).format == fmt
 
 
+def test_dev_null_is_refused_as_a_device_not_for_its_extension(stream, tiny_model, capsys, no_model_load):
+    code, _, err = run(capsys, "decompress", stream, "-o", "/dev/null", "--model", tiny_model)
+    one_error(code, err, "it is a character device, not a regular file; use - for standard output")
+
+
 def test_unknown_output_extension_refused_before_work(stream, tiny_model, tmp_path, capsys, no_model_load):
     code, _, err = run(capsys, "decompress", stream, "-o", tmp_path / "decoded.bmp", "--model", tiny_model)
     one_error(code, err, "unknown image extension '.bmp'")
