@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_arg(p)
     _quiet_arg(p)
     parser.handlers = dict(COMMANDS)
-    for name in plugins.names(COMMAND_GROUP):  # the torch-side verbs (perco.export.cli), when installed
+    for name in plugins.names(COMMAND_GROUP):  # verbs an installed extension adds (the torch side's)
         add_commands = plugins.find(COMMAND_GROUP, name)
         if add_commands is not None:
             parser.handlers.update(add_commands(sub))

@@ -1,8 +1,8 @@
 """Extensions found through package entry points, so the runtime never imports the torch side.
 
 `perco.engine` runs without torch; what needs torch (the reference backend, writing tiny models,
-ONNX export, engine builds and the verbs around them) lives in `perco.export` and
-`perco.benchmarks`, which register themselves in `pyproject.toml`:
+ONNX export, engine builds and the verbs around them) lives in the package's torch side, which
+registers itself under these entry point groups in `pyproject.toml`:
 
     perco.backends   name -> open_backend(model_dir, artifacts, progress)    e.g. torch
     perco.commands   name -> add_commands(subparsers) -> {verb: handler}      the torch-side verbs
