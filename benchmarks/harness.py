@@ -74,7 +74,8 @@ def count_flops(codec: Codec, width: int, height: int) -> dict:
     graphs, contract = codec.backend.graphs, codec.backend.contract
     pad = spec.pad_multiple
     H, W = -(-height // pad) * pad, -(-width // pad) * pad
-    sizes = symbol_sizes(_profile(H, W), spec.rate.token_stride, model_constants(codec.backend.info))
+    sizes = symbol_sizes(_profile(H, W), spec.rate.token_stride, model_constants(codec.backend.info),
+                         spec.family_def.latent_factor)
     flops = {}
     for name in ("text_encoder", "local_features", "denoiser", "vae_decoder", "vae_encoder", "hyper_encoder"):
         args = sample_inputs(name, sizes, spec.tokens.vocab_size, spec.rate.codebook_size, contract=contract)

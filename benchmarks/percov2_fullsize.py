@@ -107,12 +107,12 @@ def model_configs(layers: int) -> dict:
 
 
 def export_sizes(configs: dict, profile=None) -> dict:
-    from perco.engine.families.percov2 import RATES
+    from perco.engine.families.percov2 import PERCOV2, RATES
     from perco.export.graphs import Profile, symbol_sizes
     from perco.export.models.percov2 import graph_constants
 
     stride = 512 // RATES[RATE][0]
-    return symbol_sizes(profile or Profile(), stride, graph_constants(configs))
+    return symbol_sizes(profile or Profile(), stride, graph_constants(configs), PERCOV2.latent_factor)
 
 
 def build_transformer(configs: dict):
@@ -362,7 +362,7 @@ def job_latency(args, onnx_path: str) -> dict:
     result["torch_cpu"]["precision"] = "fp32"
     result["torch_peak_rss_gib"] = peak_gib()
     phases.mark(f"torch cpu fp32: warm-up + {args.repeats} repeats")
-    del denoiser, transformer, tensors
+    denoiser = transformer = tensors = None  # free the torch module before the ONNX Runtime session
     gc.collect()
     phases.mark("free torch module")
     start = time.perf_counter()

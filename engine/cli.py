@@ -261,10 +261,10 @@ def cmd_compress(args) -> None:
     size = read_image_size(args.image)  # the header only: fail on a bad or huge image before any model loads
     spec, limit = _limit(args)
     if size is not None:
-        _check_size(spec, limit, *size, encode=True)
+        limit.check_image(*size, spec.pad_multiple, encode=True)
     bound = limit.max_encode_pixels or limit.max_pixels
     image = load_image(args.image, max_pixels=bound)
-    _check_size(spec, limit, image.shape[1], image.shape[0], encode=True)
+    limit.check_image(image.shape[1], image.shape[0], spec.pad_multiple, encode=True)
     with _codec(args) as codec:
         data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint),
                               progress=not args.quiet)
@@ -272,15 +272,6 @@ def cmd_compress(args) -> None:
     h, w = image.shape[:2]
     _result(args, f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
     _say(args, "stage timings (compress):\n" + codec.timings.table())
-
-
-def _check_size(spec, limit, width, height, encode=False) -> None:
-    from perco.engine.bitstream import MAX_SIDE
-
-    if max(width, height) > MAX_SIDE:
-        raise PercoError(f"image {width}x{height} is larger than {MAX_SIDE} pixels on a side")
-    m = spec.pad_multiple
-    limit.check(width, height, (-(-height // m) * m, -(-width // m) * m), encode)
 
 
 def cmd_decompress(args) -> None:
@@ -292,7 +283,7 @@ def cmd_decompress(args) -> None:
     data = _read_bitstream(args.input)
     header = bitstream.parse(data)[0]  # a corrupt or truncated file fails here, before any model loads
     spec, limit = _limit(args)
-    _check_size(spec, limit, header.width, header.height)
+    limit.check_image(header.width, header.height, spec.pad_multiple)
     with _codec(args) as codec:
         image = codec.decompress(data, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                                  guidance_stop=args.guidance_stop, progress=not args.quiet)
@@ -331,7 +322,7 @@ def cmd_info(args) -> None:
         info["caption"] = detokenize(caption_ids, spec.tokenizer_dir)
         info["token_grid"] = list(indices.shape)
         try:
-            _check_size(spec, limit, header.width, header.height)
+            limit.check_image(header.width, header.height, spec.pad_multiple)
             info["decodable"] = {"backend": _backend_name(args), "ok": True, "max_pixels": limit.max_pixels}
         except DecodeLimitError as exc:
             info["decodable"] = {"backend": _backend_name(args), "ok": False, "max_pixels": limit.max_pixels,

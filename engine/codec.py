@@ -240,10 +240,7 @@ class Codec:
     def check_size(self, width: int, height: int, encode: bool = False) -> None:
         """DecodeLimitError if an image of this size is over the limit (to decode, or to `encode` and
         decode); called before any network runs."""
-        if max(width, height) > bitstream.MAX_SIDE:
-            raise PercoError(f"image {width}x{height} is larger than {bitstream.MAX_SIDE} pixels on a side")
-        m = self.model.pad_multiple
-        self.limit.check(width, height, (-(-height // m) * m, -(-width // m) * m), encode)
+        self.limit.check_image(width, height, self.model.pad_multiple, encode)
 
     def _decode_latent(self, latent: np.ndarray) -> np.ndarray:
         """The VAE decoder, in overlapping tiles for large latents (`limits.vae_tiled`: by size alone)."""

@@ -24,7 +24,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-from perco.engine.errors import DecodeLimitError, UsageError
+from perco.engine.errors import DecodeLimitError, PercoError, UsageError
 
 MAX_PIXELS_ENV = "PERCO_MAX_PIXELS"
 MEMORY_FRACTION = 0.85  # of the memory available when the codec opens
@@ -157,6 +157,16 @@ class DecodeLimit:
     max_size: Optional[Tuple[int, int]] = None  # (height, width) bound of padded images
     reason: str = ""  # where the limit comes from, for the error message
     max_encode_pixels: Optional[int] = None  # encoding needs its own memory too; None: max_pixels
+
+    def check_image(self, width: int, height: int, pad_multiple: int, encode: bool = False) -> None:
+        """`check` for an image of this size padded to `pad_multiple`; over bitstream.MAX_SIDE a side is a
+        PercoError whatever the limit (the format cannot hold it)."""
+        from perco.engine.bitstream import MAX_SIDE
+
+        if max(width, height) > MAX_SIDE:
+            raise PercoError(f"image {width}x{height} is larger than {MAX_SIDE} pixels on a side")
+        m = pad_multiple
+        self.check(width, height, (-(-height // m) * m, -(-width // m) * m), encode)
 
     def check(self, width: int, height: int, padded: Tuple[int, int], encode: bool = False) -> None:
         """DecodeLimitError naming how to raise the limit; `padded` is (height, width) as the networks see it."""

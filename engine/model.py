@@ -22,14 +22,7 @@ from perco.engine.limits import SD21_SIZES, NetworkSizes  # noqa: F401 (SD21_SIZ
 from perco.engine.sampling import schedule_from_config
 from perco.engine.text import TokenLayout
 
-# PerCo (SD)'s values, kept under their old names for the torch side; the runtime reads the model's family
-FAMILY = PERCO_SD.name
-LATENT_FACTOR = PERCO_SD.latent_factor
-REFERENCE_SIDE = PERCO_SD.reference_side  # the token grid side in the config is the grid at 512 x 512
-GUIDANCE = PERCO_SD.guidance
-RATES = PERCO_SD.rates
-COMPONENTS = PERCO_SD.components
-CONFIG_FIELDS = PERCO_SD.config_fields
+REFERENCE_SIDE = PERCO_SD.reference_side  # the token grid side in the config is the grid at 512 x 512 (both families)
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -70,7 +63,7 @@ def _is_int(value) -> bool:
 
 
 def check_fields(config: dict, fields: dict, path) -> None:
-    """Validate `config` against `fields` (see CONFIG_FIELDS); an absent field takes its default, and it is
+    """Validate `config` against `fields` (see a family's config_fields); an absent field takes its default, and it is
     not written back (the fingerprint hashes the config as stored)."""
     for key, (kind, low, high, default) in fields.items():
         if key not in config and default is None:

@@ -112,8 +112,20 @@ def add_commands(sub) -> dict:
     p.add_argument("--out", default="benchmarks/results/bench", metavar="PATH",
                    help="output path without suffix (default: %(default)s)")
 
-    return {"init-tiny": cmd_init_tiny, "export": cmd_export, "check": cmd_check, "build": cmd_build,
-            "quantize": cmd_quantize, "bench": cmd_bench}
+    handlers = {"init-tiny": cmd_init_tiny, "export": cmd_export, "check": cmd_check, "build": cmd_build,
+                "quantize": cmd_quantize, "bench": cmd_bench}
+    return {verb: _needs_extra(verb, handler) for verb, handler in handlers.items()}
+
+
+def _needs_extra(verb: str, handler):
+    """Each verb imports torch and friends when it runs; without them, one line saying what to install."""
+    def run(args):
+        try:
+            return handler(args)
+        except ImportError as exc:
+            raise PercoError(f"{verb} needs {exc.name or 'torch'}: {EXPORT_EXTRA}") from None
+
+    return run
 
 
 def _range(text: str) -> tuple:
@@ -140,22 +152,17 @@ def _size(text):
 
 
 def cmd_init_tiny(args) -> None:
-    try:
-        from perco.export.tiny import init_tiny
+    from perco.export.tiny import init_tiny
 
-        folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer,
-                           full_size=args.full_size, family=args.family)
-    except ImportError as exc:
-        raise PercoError(f"init-tiny needs {exc.name or 'torch'}: {EXPORT_EXTRA}") from None
+    folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer,
+                       full_size=args.full_size, family=args.family)
     size = "full-size" if args.full_size else "tiny"
     print(f"wrote {size} random {args.family} model (rate {args.rate}, seed {args.seed}) to {folder}")
 
 
 def cmd_build(args) -> None:
-    try:
-        from perco.export import build as trt_build
-    except ImportError as exc:
-        raise PercoError(f"build needs {exc.name}: {EXPORT_EXTRA}") from None
+    from perco.export import build as trt_build
+
     overrides = {k: getattr(args, k) for k in ("batch", "height", "width") if getattr(args, k)}
     try:
         target_cc = tuple(int(v) for v in args.target_cc.split(",") if v)
@@ -173,10 +180,8 @@ def cmd_build(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    try:
-        from perco.export.quantize import quantize
-    except ImportError as exc:
-        raise PercoError(f"quantize needs {exc.name}: {EXPORT_EXTRA}") from None
+    from perco.export.quantize import quantize
+
     report = quantize(args.artifacts, args.output, args.precision, args.calibration, args.count,
                       log=lambda text: print(text, file=sys.stderr), graphs=tuple(args.graphs.split(",")),
                       keep_float=tuple(v for v in args.keep_float.split(",") if v), size=_size(args.size))
@@ -185,10 +190,7 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    try:
-        from perco.benchmarks.harness import BenchConfig, run, smoke_config
-    except ImportError as exc:
-        raise PercoError(f"perco bench needs {exc.name}: {EXPORT_EXTRA}") from None
+    from perco.benchmarks.harness import BenchConfig, run, smoke_config
     from perco.engine.demo import default_model
 
     model = args.model or str(default_model(progress=True))
@@ -208,16 +210,8 @@ def cmd_bench(args) -> None:
     print(f"wrote {args.out}.json, {args.out}.md")
 
 
-def _export_module():
-    try:
-        import perco.export.onnx as module
-    except ImportError as exc:
-        raise PercoError(f"export needs {exc.name}: {EXPORT_EXTRA}") from None
-    return module
-
-
 def cmd_export(args) -> None:
-    onnx_export = _export_module()
+    import perco.export.onnx as onnx_export
     from perco.export.graphs import Profile
 
     profile = Profile(batch=(1, 1, args.batch_max), height=args.height, width=args.width)
@@ -226,7 +220,9 @@ def cmd_export(args) -> None:
 
 
 def cmd_check(args) -> None:
-    report = _export_module().parity(args.model, args.artifacts)
+    from perco.export.onnx import parity
+
+    report = parity(args.model, args.artifacts)
     failed = []
     for name, result in report.items():
         value = result.get("max_rel_error", result.get("mismatch_fraction"))

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from perco.engine.graphs import GRAPHS
-from perco.engine.model import LATENT_FACTOR
 
 
 class TextEncoder(nn.Module):
@@ -108,16 +107,17 @@ def graph_constants(configs: dict) -> dict:
     return {"D": int(configs["text_encoder"]["hidden_size"]), "M": int(configs["hyper_enc"]["M"])}
 
 
-def symbol_sizes(profile: Profile, token_stride: int, constants: dict) -> dict:
-    """Each shape symbol -> (min, opt, max). `constants` gives D and M."""
+def symbol_sizes(profile: Profile, token_stride: int, constants: dict, latent_factor: int) -> dict:
+    """Each shape symbol -> (min, opt, max). `constants` gives the model's fixed symbols (D, M, ...);
+    `latent_factor` is its family's image pixels per latent pixel."""
     sizes = {
         "B": profile.batch,
         # the denoiser: 2B with guidance (uncond, cond), down to B once guidance stops (cond only)
         "2B": (profile.batch[0], 2 * profile.batch[1], 2 * profile.batch[2]),
         "H": profile.height,
         "W": profile.width,
-        "h": tuple(v // LATENT_FACTOR for v in profile.height),
-        "w": tuple(v // LATENT_FACTOR for v in profile.width),
+        "h": tuple(v // latent_factor for v in profile.height),
+        "w": tuple(v // latent_factor for v in profile.width),
         "gh": tuple(v // token_stride for v in profile.height),
         "gw": tuple(v // token_stride for v in profile.width),
     }

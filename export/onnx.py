@@ -74,7 +74,7 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
         return out / MANIFEST
 
     log(f"exporting {info.folder} to {out} (opset {opset}, key {key[:12]})")
-    sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info))
+    sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info), info.family.latent_factor)
     contract = info.family.graphs
     entries = {}
     for components in component_groups(info.family):  # one network (or pair) in memory at a time
@@ -207,7 +207,7 @@ def parity(model_dir, artifacts, seed: int = 0) -> dict:
     graphs = model_graphs(info)
     contract = info.family.graphs
     profile = Profile(**{k: tuple(v) for k, v in manifest["profile"].items()})
-    sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info))
+    sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info), info.family.latent_factor)
     report = {}
     for name in contract:
         args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, seed=seed + 1,

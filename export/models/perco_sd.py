@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from perco.engine.errors import ModelError
-from perco.engine.model import COMPONENTS, RATES, SCHEDULER_CONFIG, ModelInfo
+from perco.engine.families.perco_sd import PERCO_SD, RATES
+from perco.engine.model import SCHEDULER_CONFIG, ModelInfo
+
+COMPONENTS = PERCO_SD.components
 
 SD21_SCHEDULER = {
     "_class_name": "DDIMScheduler",
