@@ -24,7 +24,6 @@ from perco.engine.imageio import as_rgb_array, from_model_output, pad_to_multipl
 from perco.engine.limits import (
     VAE_TILE, VAE_TILE_OVERLAP, DecodeLimit, available_memory, backend_memory, decode_limit, tiles, vae_tiled,
 )
-
 from perco.engine.model import ModelSpec
 from perco.engine.noise import gaussian_noise
 from perco.engine.sampling import guided, make_sampler
