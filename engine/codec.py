@@ -27,7 +27,7 @@ from perco.engine.limits import (
 from perco.engine.model import ModelSpec
 from perco.engine.noise import gaussian_noise
 from perco.engine.sampling import guided, make_sampler
-from perco.engine.text import CaptionTokenizer
+from perco.engine.text import CaptionTokenizer, Retokenizer, caption_text
 
 
 class StageTimings(dict):
@@ -62,6 +62,7 @@ class Codec:
         self.timings = StageTimings()
         self._tokenizer: Optional[CaptionTokenizer] = None
         self._uncond_embedding: Optional[dict] = None
+        self._retokenizer: Optional[Retokenizer] = None  # the optional text encoder's tokenizer, at first use
 
     @classmethod
     def from_pretrained(cls, folder=None, backend: str = "torch", artifacts=None, progress: bool = False,
@@ -260,10 +261,20 @@ class Codec:
         return image / total
 
     def _encode_text(self, captions: list) -> dict:
-        """The family's text outputs for caption token ids (e.g. text_embeddings [B, 77, D])."""
+        """The family's text outputs for caption token ids (e.g. text_embeddings [B, 77, D]), with the rows of
+        its optional text encoder (PerCoV2's T5) filled in where the model has one."""
         per_caption = [self.model.text_input_ids(c) for c in captions]
         out = self._run("text_encoder", **{k: np.stack([ids[k] for ids in per_caption]) for k in per_caption[0]})
-        return {name: out[name] for name in self.model.family_def.text_outputs}
+        out = {name: out[name] for name in self.model.family_def.text_outputs}
+        if self.model.has_optional_text:
+            optional = self.model.family_def.optional_text
+            if self._retokenizer is None:
+                self._retokenizer = Retokenizer(self.model.optional_text_dir, optional.max_length)
+            ids = self._retokenizer([caption_text(c, self.model.tokenizer_dir) for c in captions])
+            rows = self._run(optional.component, **{optional.input: ids})[optional.output]
+            into = out[optional.into] = np.array(out[optional.into])
+            into[:, optional.offset : optional.offset + optional.max_length] = rows
+        return out
 
     def _uncond(self) -> dict:
         if self._uncond_embedding is None:  # the empty caption, once per codec

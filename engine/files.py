@@ -15,6 +15,15 @@ from typing import Iterable, Optional
 
 # the files of a transformers CLIP tokenizer folder that travel with models, exports and engines
 TOKENIZER_COPY = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# a fast tokenizer (T5's): an exported tokenizer folder holds one per optional text encoder, in a subfolder
+FAST_TOKENIZER_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(folder) -> tuple:
+    """TOKENIZER_COPY, plus FAST_TOKENIZER_COPY of each subfolder of `folder` that holds a tokenizer.json."""
+    folder = Path(folder)
+    subs = sorted(p.name for p in folder.iterdir() if (p / "tokenizer.json").is_file()) if folder.is_dir() else []
+    return TOKENIZER_COPY + tuple(f"{sub}/{name}" for sub in subs for name in FAST_TOKENIZER_COPY)
 
 
 def umask() -> int:
@@ -51,7 +60,8 @@ def atomic_json(path, value) -> None:
 
 
 def copy_folder(source, target, names: Iterable[str] = TOKENIZER_COPY, replace: bool = False) -> Path:
-    """Copy the files `names` that exist in `source` into the folder `target`, atomically.
+    """Copy the files `names` (paths relative to `source`) that exist in `source` into the folder `target`,
+    atomically.
 
     An existing `target` is kept as it is unless `replace`. Returns `target`.
     """
@@ -63,6 +73,7 @@ def copy_folder(source, target, names: Iterable[str] = TOKENIZER_COPY, replace: 
     try:
         for name in names:
             if (source / name).is_file():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, tmp / name)
         os.chmod(tmp, 0o777 & ~umask())
         if target.is_dir():

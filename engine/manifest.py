@@ -27,7 +27,7 @@ def read_manifest(folder, verify: bool = False) -> dict:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ModelError(f"{path} is not a format-{MANIFEST_FORMAT} PerCo Engine manifest: re-run 'perco export'")
     graphs = manifest.get("graphs", {})
-    contract = families.of_manifest(manifest).graphs
+    contract = families.manifest_contract(manifest)
     missing = sorted(set(contract) - set(graphs))
     if missing:
         raise ModelError(f"{path} lacks graphs: {', '.join(missing)}")

@@ -1,7 +1,7 @@
-"""A PerCo (SD) model folder as the runtime sees it: configs, geometry and fingerprint. No torch.
+"""A model folder as the runtime sees it: configs, geometry and fingerprint. No torch.
 
-The folder is the released diffusers pipeline layout (see docs/architecture.md):
-model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, hyper_enc/.
+The folder is the released diffusers pipeline layout of its family (see docs/architecture.md), e.g.
+model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, hyper_enc/ for PerCo (SD).
 """
 
 import hashlib
@@ -118,10 +118,15 @@ class ModelSpec:
     scheduler_config: dict
     pad_multiple: int
     family: str = PERCO_SD.name
-    tokenizer_dir: Optional[Path] = None  # for compressing captions; decoding never needs it
+    tokenizer_dir: Optional[Path] = None  # compressing captions (and decoding, for a re-tokenizing text encoder)
     sizes: Optional[NetworkSizes] = None  # for the decode size limit; None in exports made before it
     extra_tokens: tuple = ()  # ((text_encoder input, TokenLayout), ...) beyond input_ids (PerCoV2's CLIP-G)
     index_coder: str = "uniform"  # how the token indices are entropy coded (perco.engine.entropy.index_coders)
+    optional_text_dir: Optional[Path] = None  # the family's optional text encoder's tokenizer, where the model has it
+
+    @property
+    def has_optional_text(self) -> bool:
+        return self.optional_text_dir is not None
 
     def text_input_ids(self, caption_ids) -> dict:
         """The text_encoder inputs for one caption's content ids: input_ids (+ the family's others)."""
@@ -172,10 +177,13 @@ class ModelSpec:
             **({"sizes": self.sizes.to_dict()} if self.sizes else {}),
             **({"extra_tokens": {name: asdict(t) for name, t in self.extra_tokens}} if self.extra_tokens else {}),
             **({"index_coder": self.index_coder} if self.index_coder != "uniform" else {}),
+            **({"optional_text": True} if self.has_optional_text else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict, tokenizer_dir: Optional[Path] = None) -> "ModelSpec":
+        """A spec from its `to_dict`; an exported folder's `tokenizer_dir` also holds the optional text
+        encoder's tokenizer, in a subfolder of its name."""
         try:
             spec = cls(
                 fingerprint=bytes.fromhex(d["fingerprint"]),
@@ -189,12 +197,24 @@ class ModelSpec:
                 extra_tokens=tuple((str(name), TokenLayout(**{k: int(v) for k, v in t.items()}))
                                    for name, t in (d.get("extra_tokens") or {}).items()),
                 index_coder=str(d.get("index_coder", "uniform")),
+                optional_text_dir=_optional_text_dir(d, tokenizer_dir),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model description is malformed: {exc!r}") from None
         spec.family_def  # an unknown family, and
         spec.schedule  # an unsupported scheduler, are refused now, not at the first decode
         return spec
+
+
+def _optional_text_dir(d: dict, tokenizer_dir: Optional[Path]) -> Optional[Path]:
+    if not d.get("optional_text"):
+        return None
+    optional = families.get(str(d["family"])).optional_text
+    if optional is None:
+        raise ValueError(f"family {d['family']} has no optional text encoder")
+    if tokenizer_dir is None:
+        raise ValueError(f"the model runs {optional.component}, but no tokenizer folder came with it")
+    return Path(tokenizer_dir) / optional.tokenizer
 
 
 class ModelInfo:
@@ -240,7 +260,8 @@ class ModelInfo:
                 if not (self.folder / tokenizer / name).is_file():
                     raise ModelError(f"model folder is incomplete: {self.folder / tokenizer / name} is missing")
         for name, fields in family.config_fields.items():
-            check_fields(self.configs[name], fields, self.folder / name / components[name][0])
+            if name in components:
+                check_fields(self.configs[name], fields, self.folder / name / components[name][0])
         hyper = self.configs["hyper_enc"]
         self.rate = RateGeometry(hyper["cfg_ss"], hyper["cfg_cs"])
         if self.rate.grid not in (8, 16, 32, 64):
@@ -253,11 +274,50 @@ class ModelInfo:
             raise ModelError(f"{self.folder / SCHEDULER_CONFIG}: {family.title} is a "
                              f"{'diffusion' if 'NoiseSchedule' in family.schedules else 'flow-matching'} model and "
                              f"needs {needs}, not {self.scheduler_config.get('_class_name')}")
+        self.optional_text = self._read_optional_text()
         self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
         self.extra_tokens = tuple((name, TokenLayout.from_tokenizer_dir(self.folder / tokenizer))
                                   for name, tokenizer in family.text_inputs[1:])
         self.scaling_factor = float(self.configs["vae"].get("scaling_factor", 0.18215))
         self.shift_factor = float(self.configs["vae"].get("shift_factor") or 0.0)
+
+    def _read_optional_text(self):
+        """The family's optional text encoder if the folder has it (its config joins `configs`), else None."""
+        optional = self.family.optional_text
+        if optional is None or not (self.folder / optional.component).is_dir():
+            return None
+        folder = self.folder / optional.component
+        config_file, weights = optional.files
+        self.configs[optional.component] = config = read_json(folder / config_file)
+        if not (folder / weights).is_file() and not (folder / f"{weights}.index.json").is_file():
+            raise ModelError(f"model folder is incomplete: {folder / weights} (or its sharded index) is missing")
+        check_fields(config, self.family.config_fields[optional.component], folder / config_file)
+        width, (component, field) = optional.width
+        if config[width] != self.configs[component][field]:
+            raise ModelError(f"{folder / config_file}: {width} is {config[width]}, but the {component}'s {field} is "
+                             f"{self.configs[component][field]}; they must be equal")
+        if not (self.folder / optional.tokenizer / "tokenizer.json").is_file():
+            raise ModelError(f"{self.folder / optional.tokenizer / 'tokenizer.json'} is missing; {optional.component} "
+                             f"needs its fast tokenizer file (transformers writes it: "
+                             f"AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
+        return optional
+
+    @cached_property
+    def optional_text_digest(self) -> Optional[str]:
+        """A hash of the optional text encoder (config, tensor layout, tokenizer), or None without one.
+
+        Not part of the fingerprint: the bitstream does not depend on it (a file decodes with or without
+        T5, as with another step count), but exported graphs do.
+        """
+        if self.optional_text is None:
+            return None
+        optional = self.optional_text
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.configs[optional.component], sort_keys=True).encode())
+        for path in weights_files(self.folder / optional.component / optional.files[1]):
+            h.update(safetensors_header(path))
+        h.update((self.folder / optional.tokenizer / "tokenizer.json").read_bytes())
+        return h.hexdigest()
 
     @property
     def pad_multiple(self) -> int:
@@ -299,14 +359,32 @@ class ModelInfo:
             pad_multiple=self.pad_multiple,
             family=self.family.name,
             tokenizer_dir=self.folder / "tokenizer",
-            sizes=self.family.network_sizes(self.configs, sum(
-                (self.folder / name / weights).stat().st_size for name, (_, weights) in self.family.components.items())),
+            sizes=self.family.network_sizes(self.configs, self._weights_bytes()),
             extra_tokens=self.extra_tokens,
+            optional_text_dir=self.folder / self.optional_text.tokenizer if self.optional_text else None,
         )
 
     @property
     def stream_spec(self) -> StreamSpec:
         return self.spec.stream_spec
+
+    def _weights_bytes(self) -> int:
+        """Bytes of every weights file the decoder loads, the optional text encoder's included."""
+        files = [self.folder / name / weights for name, (_, weights) in self.family.components.items()]
+        if self.optional_text:
+            files += weights_files(self.folder / self.optional_text.component / self.optional_text.files[1])
+        return sum(f.stat().st_size for f in files)
+
+
+def weights_files(path: Path) -> list:
+    """A weights file, or the shards its `.index.json` names (as transformers saves large models)."""
+    if path.is_file():
+        return [path]
+    index = read_json(path.parent / f"{path.name}.index.json")
+    shards = sorted(set((index.get("weight_map") or {}).values()))
+    if not shards or any("/" in s or "\\" in s or s.startswith(".") for s in shards):
+        raise ModelError(f"{path.parent / (path.name + '.index.json')}: no usable weight_map")
+    return [path.parent / s for s in shards]
 
 
 def _family_of(folder: Path) -> families.Family:
@@ -321,6 +399,10 @@ def _folder_state(folder: Path) -> tuple:
     family = _family_of(folder)
     files = [f"{name}/{f}" for name, pair in family.components.items() for f in pair]
     files += [SCHEDULER_CONFIG] + [f"{tok}/{f}" for _, tok in family.text_inputs for f in TOKENIZER_FILES]
+    optional = family.optional_text
+    if optional and (folder / optional.component).is_dir():
+        files += [f"{optional.component}/{f}" for f in os.listdir(folder / optional.component)]
+        files += [f"{optional.tokenizer}/{f}" for f in os.listdir(folder / optional.tokenizer)]
     state = tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(folder / f)])
     index = folder / MODEL_INDEX
     return state + ((MODEL_INDEX, index.stat().st_mtime_ns) if index.is_file() else ())

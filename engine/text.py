@@ -2,11 +2,14 @@
 
 The bitstream carries a caption's content token ids (no start, end or padding tokens; at most
 `max_length - 2` of them). The decoder rebuilds exactly what `CLIPTokenizer(text,
-padding="max_length", max_length=77, truncation=True)` returns, so it needs no tokenizer.
+padding="max_length", max_length=77, truncation=True)` returns, so it needs no tokenizer. A text
+encoder with another vocabulary (PerCoV2's T5) gets the ids' text (`caption_text`), re-tokenized by
+its own tokenizer (`Retokenizer`).
 """
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +107,71 @@ class CaptionTokenizer:
         return np.asarray(ids[1:-1], dtype=np.int64)  # strip start and end tokens
 
 
+def caption_text(content_ids, folder: Path) -> str:
+    """The text of CLIP content ids, as the decoder gives it to a re-tokenizing text encoder (T5).
+
+    Defined here, not borrowed from a tokenizer library, because a decoder must reproduce it exactly:
+    the tokens of `vocab.json` (an id it lacks is nothing) joined, "</w>" made a space, the byte-level
+    characters mapped back to bytes (a character outside the table is "?"), decoded as UTF-8 with
+    U+FFFD for invalid sequences, then stripped of ASCII spaces at both ends. It equals transformers'
+    `CLIPTokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip(" ")`
+    (tests/test_percov2.py checks this on a caption corpus): lowercase, words and punctuation split by
+    spaces, "a photo of a dog , running".
+    """
+    inverse, byte_of = _vocabulary(str(folder))
+    text = "".join(inverse.get(int(i), "") for i in np.asarray(content_ids).reshape(-1)).replace("</w>", " ")
+    return bytes(byte_of.get(c, ord("?")) for c in text).decode("utf-8", errors="replace").strip(" ")
+
+
 def detokenize(content_ids, folder: Path) -> str:
-    """Best-effort text of content ids from vocab.json (for display in `perco info`)."""
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    inverse = {v: k for k, v in vocab.items()}
+    """The text of content ids (for display in `perco info`): `caption_text`."""
+    return caption_text(content_ids, folder)
+
+
+@lru_cache(maxsize=8)
+def _vocabulary(folder: str) -> tuple:
+    vocab_file = Path(folder) / "vocab.json"
+    try:
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read tokenizer vocabulary {vocab_file}: {exc}") from None
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     byte_of[" "] = ord(" ")  # word ends ("</w>") become spaces
-    text = "".join(inverse.get(int(i), "") for i in content_ids).replace("</w>", " ")
-    return bytes(byte_of.get(c, ord("?")) for c in text).decode("utf-8", errors="replace").strip()
+    return {v: k for k, v in vocab.items()}, byte_of
+
+
+class Retokenizer:
+    """Caption text -> [B, max_length] int64 ids with a text encoder's own `tokenizer.json` (PerCoV2's T5).
+
+    Uses the `tokenizers` library (no transformers, no torch), set as transformers' fast tokenizer is
+    when SD3 calls it: `tokenizer(text, padding="max_length", max_length=N, truncation=True)`, special
+    tokens added by the file's post-processor (T5: the closing "</s>").
+    """
+
+    def __init__(self, folder: Path, max_length: int):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise PercoError("this model's T5 text encoder needs the tokenizers package: "
+                             "pip install tokenizers") from None
+        path = Path(folder) / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for unreadable or malformed files
+            reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise ModelError(f"cannot read tokenizer {path}: {reason}") from None
+        pad = _special_tokens(Path(folder)).get("pad_token", "<pad>")
+        pad_id = tokenizer.token_to_id(pad) if isinstance(pad, str) else None
+        if pad_id is None:
+            raise ModelError(f"{path}: the padding token {pad!r} is not in its vocabulary")
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length)
+        tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad)
+        self._tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, texts: list) -> np.ndarray:
+        return np.array([e.ids for e in self._tokenizer.encode_batch(list(texts))], dtype=np.int64)
 
 
 def bytes_to_unicode() -> dict:

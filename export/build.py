@@ -24,7 +24,7 @@ from typing import Optional
 
 from perco.engine.backends.tensorrt import ENGINES_FORMAT, ENGINES_MANIFEST, import_flavor, make_logger
 from perco.engine.errors import PercoError
-from perco.engine.files import atomic_json, atomic_write, copy_folder
+from perco.engine.files import atomic_json, atomic_write, copy_folder, tokenizer_files
 from perco.engine import families
 from perco.engine.manifest import file_sha256, read_manifest
 
@@ -270,7 +270,7 @@ def plan(artifacts, precision: str, flavor_name: str = "auto", overrides: Option
         flavor, flavor_label, version = None, flavor_name, "not installed"
     existing = _read_engines(Path(out)) if out else {}
     rows = []
-    for name in families.of_manifest(manifest).graphs:
+    for name in families.manifest_contract(manifest):
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides)
         if entry.get("quantized"):  # Q/DQ graphs already store 8-bit weights
@@ -315,7 +315,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
     logger = make_logger(trt, flavor.name, log)
     builder = trt.Builder(logger)
     timing_cache = None
-    selected = [g for g in families.of_manifest(manifest).graphs if graphs is None or g in graphs]
+    selected = [g for g in families.manifest_contract(manifest) if graphs is None or g in graphs]
     for i, name in enumerate(selected, 1):
         entry = manifest["graphs"][name]
         shapes = profile_shapes(entry, overrides or {})
@@ -460,7 +460,7 @@ def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]
     """Engines folders are self-contained: the tokenizer (for compressing captions) travels with them."""
     name = manifest.get("tokenizer")
     if name:
-        copy_folder(artifacts / name, out / name)
+        copy_folder(artifacts / name, out / name, names=tokenizer_files(artifacts / name))
     return name
 
 

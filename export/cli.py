@@ -34,6 +34,9 @@ def add_commands(sub) -> dict:
     p.add_argument("--full-size", action="store_true",
                    help="the real dimensions instead of tiny ones (SD 2.1: about 5 GB of random weights; SD3-medium: "
                         "about 10 GB), for export and speed measurements")
+    p.add_argument("--t5", action="store_true",
+                   help="percov2 only: also write the optional T5 text encoder (text_encoder_3/, tokenizer_3/ with a "
+                        "small built-in T5 tokenizer; with --full-size, T5-XXL's 4.7B parameters)")
 
     p = sub.add_parser("export", help="export every network to ONNX (+ manifest)",
                        description="Export each network of a model to an optimized ONNX graph with dynamic batch "
@@ -155,9 +158,10 @@ def cmd_init_tiny(args) -> None:
     from perco.export.tiny import init_tiny
 
     folder = init_tiny(args.dir, rate=args.rate, seed=args.seed, tokenizer=args.tokenizer,
-                       full_size=args.full_size, family=args.family)
+                       full_size=args.full_size, family=args.family, t5=args.t5)
     size = "full-size" if args.full_size else "tiny"
-    print(f"wrote {size} random {args.family} model (rate {args.rate}, seed {args.seed}) to {folder}")
+    print(f"wrote {size} random {args.family} model{' with T5' if args.t5 else ''} (rate {args.rate}, seed "
+          f"{args.seed}) to {folder}")
 
 
 def cmd_build(args) -> None:

@@ -173,11 +173,20 @@ def sample_inputs(graph: str, sizes: dict, vocab_size: int, codebook_size: int, 
 # --- every family -------------------------------------------------------------------------------
 
 
-def component_groups(family) -> list:
-    """The components to load together, one group at a time (a graph may need two: PerCoV2's CLIPs)."""
-    if family.name == "percov2":
-        return [("text_encoder", "text_encoder_2"), ("vae",), ("hyper_enc",), ("transformer",)]
+def component_groups(info) -> list:
+    """The components of a model folder to load together, one group at a time (a graph may need two:
+    PerCoV2's CLIPs), with the optional text encoder where the folder has it."""
+    if info.family.name == "percov2":
+        groups = [("text_encoder", "text_encoder_2"), ("vae",), ("hyper_enc",), ("transformer",)]
+        return groups + ([(info.optional_text.component,)] if info.optional_text else [])
     return [("text_encoder",), ("vae",), ("hyper_enc",), ("unet",)]
+
+
+def graph_vocab_size(info, graph: str) -> int:
+    """The vocabulary the token-id inputs of `graph` index (the optional text encoder has its own)."""
+    if info.optional_text and graph == info.optional_text.component:
+        return int(info.configs[graph]["vocab_size"])
+    return info.tokens.vocab_size
 
 
 def model_graphs(info, components=None) -> dict:
@@ -185,7 +194,7 @@ def model_graphs(info, components=None) -> dict:
     if info.family.name == "percov2":
         from perco.export.models import percov2
 
-        return percov2.graph_modules(percov2.load_model(info, tuple(components or percov2.COMPONENTS)), info)
+        return percov2.graph_modules(percov2.load_model(info, tuple(components or percov2.components_of(info))), info)
     from perco.export.models.perco_sd import load_model
 
     names = tuple(components or ("unet", "vae", "text_encoder", "hyper_enc"))

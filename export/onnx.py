@@ -24,13 +24,15 @@ import numpy as np
 import onnx
 import torch
 
+from perco.engine import families
 from perco.engine.errors import ModelError, PercoError
-from perco.engine.files import atomic_json, copy_folder
+from perco.engine.files import FAST_TOKENIZER_COPY, atomic_json, copy_folder
 from perco.engine.graphs import GRAPHS
 from perco.engine.manifest import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest
 from perco.engine.model import ModelInfo
 from perco.export.graphs import (
-    Profile, component_groups, dynamic_axes, io_shapes, model_constants, model_graphs, sample_inputs, symbol_sizes,
+    Profile, component_groups, dynamic_axes, graph_vocab_size, io_shapes, model_constants, model_graphs, sample_inputs,
+    symbol_sizes,
 )
 
 DEFAULT_OPSET = 18
@@ -43,6 +45,7 @@ def export_key(info: ModelInfo, opset: int, profile: Profile) -> str:
     payload = {
         "format": MANIFEST_FORMAT,
         "fingerprint": info.fingerprint.hex(),
+        **({"optional_text": info.optional_text_digest} if info.optional_text else {}),
         "opset": opset,
         "profile": profile.to_dict(),
         "torch": torch.__version__,
@@ -75,14 +78,14 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
 
     log(f"exporting {info.folder} to {out} (opset {opset}, key {key[:12]})")
     sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info), info.family.latent_factor)
-    contract = info.family.graphs
+    contract = info.family.contract(bool(info.optional_text))
     entries = {}
-    for components in component_groups(info.family):  # one network (or pair) in memory at a time
+    for components in component_groups(info):  # one network (or pair) in memory at a time
         graphs = model_graphs(info, components)
         for name, module in graphs.items():
             start = time.perf_counter()
             log(f"[{len(entries) + 1}/{len(contract)}] {name}")
-            args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, contract=contract)
+            args = sample_inputs(name, sizes, graph_vocab_size(info, name), info.rate.codebook_size, contract=contract)
             entries[name] = _export_graph(module, name, args, out, key, opset, sizes, log, contract)
             entries[name]["export_seconds"] = round(time.perf_counter() - start, 3)
         del graphs
@@ -90,7 +93,10 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
     entries = {name: entries[name] for name in contract}
 
     tokenizer = f"tokenizer-{info.fingerprint[:4].hex()}"
-    copy_folder(info.folder / "tokenizer", out / tokenizer)
+    copy_folder(info.folder / "tokenizer", out / tokenizer, replace=True)
+    if info.optional_text:  # the decoder re-tokenizes the caption text for it (perco.engine.text.Retokenizer)
+        copy_folder(info.folder / info.optional_text.tokenizer, out / tokenizer / info.optional_text.tokenizer,
+                    names=FAST_TOKENIZER_COPY, replace=True)
     manifest = {
         "format": MANIFEST_FORMAT,
         "key": key,
@@ -189,10 +195,13 @@ def _optimize(raw: Path) -> dict:
     return dict(counts, model=optimized)
 
 
+_GRAPH_NAMES = {name for f in map(families.get, families.names()) for name in f.contract(optional_text=True)}
+
+
 def _remove_unreferenced(out: Path, manifest: dict) -> None:
     keep = {f for g in manifest["graphs"].values() for f in g["sha256"]}
     for path in out.iterdir():
-        if path.suffix in (".onnx", ".data") and path.name not in keep and path.name.split("-")[0] in GRAPHS:
+        if path.suffix in (".onnx", ".data") and path.name not in keep and path.name.split("-")[0] in _GRAPH_NAMES:
             path.unlink()
 
 
@@ -205,12 +214,12 @@ def parity(model_dir, artifacts, seed: int = 0) -> dict:
     if manifest["model"]["fingerprint"] != info.fingerprint.hex():
         raise ModelError("artifacts were exported from another model")
     graphs = model_graphs(info)
-    contract = info.family.graphs
+    contract = info.family.contract(bool(info.optional_text))
     profile = Profile(**{k: tuple(v) for k, v in manifest["profile"].items()})
     sizes = symbol_sizes(profile, info.rate.token_stride, model_constants(info), info.family.latent_factor)
     report = {}
     for name in contract:
-        args = sample_inputs(name, sizes, info.tokens.vocab_size, info.rate.codebook_size, seed=seed + 1,
+        args = sample_inputs(name, sizes, graph_vocab_size(info, name), info.rate.codebook_size, seed=seed + 1,
                              contract=contract)
         with torch.no_grad():
             reference = graphs[name](*args)

@@ -19,10 +19,10 @@ import numpy as np
 
 from perco.engine import families
 from perco.engine.errors import PercoError
-from perco.engine.files import atomic_json, copy_folder
-from perco.engine.manifest import MANIFEST, file_sha256, read_manifest
-from perco.engine.model import ModelSpec
+from perco.engine.files import atomic_json, copy_folder, tokenizer_files
+from perco.engine.manifest import MANIFEST, file_sha256, read_manifest, spec_from_artifacts
 from perco.engine.sampling import FlowSchedule
+from perco.engine.text import Retokenizer, caption_text
 from perco.export.build import compare_graphs
 
 # The denoiser runs at every step and holds nearly all of the decode's FLOPs; the text encoder runs
@@ -81,12 +81,15 @@ def pipeline_feeds(artifacts: Path, manifest: dict, images: list, seed: int) -> 
     from perco.engine.imageio import to_model_input
     from perco.engine.noise import gaussian_noise
 
-    spec = ModelSpec.from_dict(manifest["model"])
+    spec, _ = spec_from_artifacts(artifacts)
     family = families.of_manifest(manifest)
+    contract = families.manifest_contract(manifest)
     sessions = {name: ort.InferenceSession(str(artifacts / manifest["graphs"][name]["file"]),
-                                           providers=["CPUExecutionProvider"]) for name in family.graphs}
+                                           providers=["CPUExecutionProvider"]) for name in contract}
+    optional = family.optional_text if spec.has_optional_text else None
+    retokenize = Retokenizer(spec.optional_text_dir, optional.max_length) if optional else None
     rng = np.random.default_rng(seed)
-    feeds = {name: [] for name in family.graphs}
+    feeds = {name: [] for name in contract}
     text_names = [n for n, _, _ in family.graphs["text_encoder"].outputs]
     for i, image in enumerate(images):
         x = to_model_input(image)
@@ -97,6 +100,11 @@ def pipeline_feeds(artifacts: Path, manifest: dict, images: list, seed: int) -> 
         both = [spec.text_input_ids([]), spec.text_input_ids(caption)]  # (uncond, cond)
         ids = {name: np.stack([b[name] for b in both]) for name in both[0]}
         text = dict(zip(text_names, sessions["text_encoder"].run(text_names, ids)))  # e.g. [2, 77, D]
+        if optional:  # the T5 rows, as the codec fills them
+            t5_ids = retokenize([caption_text(c, spec.tokenizer_dir) for c in ([], caption)])
+            rows = sessions[optional.component].run(None, {optional.input: t5_ids})[0]
+            text[optional.into][:, optional.offset : optional.offset + optional.max_length] = rows
+            feeds[optional.component].append({optional.input: t5_ids})
         feeds["vae_encoder"].append({"image": x})
         feeds["hyper_encoder"].append({"latent": latent})
         feeds["local_features"].append({"indices": indices})
@@ -152,12 +160,11 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     if artifacts.resolve() == out.resolve():
         raise PercoError("write quantized artifacts to another folder than the FP32 ones")
     manifest = read_manifest(artifacts)
-    family = families.of_manifest(manifest)
     if manifest.get("quantization"):
         raise PercoError(f"{artifacts} is already quantized ({manifest['quantization']}); start from FP32 artifacts")
     opt = manifest["graphs"]["vae_encoder"]["shapes"]["image"]["opt"]  # [B, 3, H, W]
     width, height = size or (opt[3], opt[2])
-    pad = ModelSpec.from_dict(manifest["model"]).pad_multiple
+    pad = spec_from_artifacts(artifacts)[0].pad_multiple
     if width % pad or height % pad:
         raise PercoError(f"calibration size {width}x{height} must be a multiple of {pad} pixels")
     calibration_images = _images(calibration, count, width, height, seed=0)
@@ -170,7 +177,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     out.mkdir(parents=True, exist_ok=True)
     new = json.loads(json.dumps(manifest))
     report = {}
-    for name in family.graphs:
+    for name in families.manifest_contract(manifest):
         entry = manifest["graphs"][name]
         files = list(entry["sha256"])
         if name not in graphs:
@@ -194,7 +201,8 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
                                    float_layers=len(excluded))
         report[name] = compare_graphs(artifacts / entry["file"], out / target, check_feeds[name], optimize=False)
         log(f"    {name}: {report[name]['metric']} {report[name]['value']:.3e} vs fp32 (held-out inputs, ORT CPU)")
-    copy_folder(artifacts / manifest["tokenizer"], out / manifest["tokenizer"])
+    copy_folder(artifacts / manifest["tokenizer"], out / manifest["tokenizer"],
+                names=tokenizer_files(artifacts / manifest["tokenizer"]))
     new["quantization"] = {"precision": precision,
                            "method": f"QDQ, {method.name} calibration, per-channel symmetric weights, float biases; "
                                      "attention products and boundary layers kept in float",

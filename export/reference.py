@@ -18,7 +18,7 @@ class TorchBackend:
 
     def __init__(self, model: ModelInfo):
         self.info = model
-        self.contract = model.family.graphs
+        self.contract = model.family.contract(bool(model.optional_text))
         self.graphs = model_graphs(model)
 
     @torch.inference_mode()

@@ -11,10 +11,12 @@ from perco.engine import families
 
 
 def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=None, full_size: bool = False,
-              family: str = "perco-sd") -> Path:
+              family: str = "perco-sd", t5: bool = False) -> Path:
     """Write a tiny (or full-size) random model of `family` to `folder` atomically (a temporary sibling,
-    then a rename)."""
+    then a rename); `t5` adds PerCoV2's optional T5 text encoder."""
     presets, write_model_folder = _family_writer(family)
+    if t5 and families.get(family).optional_text is None:
+        raise PercoError(f"--t5: {families.get(family).title} has no optional T5 text encoder (percov2 has)")
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise PercoError(f"{folder} already exists and is not an empty folder")
@@ -25,7 +27,7 @@ def init_tiny(folder, rate: str = DEMO_RATE, seed: int = DEMO_SEED, tokenizer=No
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        write_model_folder(config, tmp, seed=seed, tokenizer_dir=tokenizer)
+        write_model_folder(config, tmp, seed=seed, tokenizer_dir=tokenizer, **({"t5": True} if t5 else {}))
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)

@@ -30,7 +30,7 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.folder = Path(folder)
         self.manifest = manifest
-        self.graphs = families.of_manifest(manifest).graphs
+        self.graphs = families.manifest_contract(manifest)
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"

@@ -70,11 +70,18 @@ def read_engines(folder) -> dict:
     manifest = read_json(path, missing=f"{folder} holds no engines ({ENGINES_MANIFEST} missing): run 'perco build'")
     if manifest.get("format") != ENGINES_FORMAT:
         raise ModelError(f"{path} is not a format-{ENGINES_FORMAT} engine manifest: re-run 'perco build'")
-    missing = sorted(set(DECODER_GRAPHS) - set(manifest.get("graphs", {})))
+    needed = decoder_graphs(manifest)
+    missing = sorted(set(needed) - set(manifest.get("graphs", {})))
     if missing:
         raise ModelError(f"{path} lacks engines for: {', '.join(missing)} (a decoder needs "
-                         f"{', '.join(DECODER_GRAPHS)})")
+                         f"{', '.join(needed)})")
     return manifest
+
+
+def decoder_graphs(manifest: dict) -> tuple:
+    """The graphs a decoder loads at open: DECODER_GRAPHS, plus the model's optional text encoder (T5)."""
+    known = DECODER_GRAPHS + ENCODER_GRAPHS
+    return DECODER_GRAPHS + tuple(g for g in families.manifest_contract(manifest) if g not in known)
 
 
 class _Engine:
@@ -200,7 +207,7 @@ class TensorRTBackend:
         from perco.engine.cuda import open_cuda
 
         self.folder, self.manifest = Path(folder), manifest
-        self.graphs = families.of_manifest(manifest).graphs
+        self.graphs = families.manifest_contract(manifest)
         self.max_size = profile_size(manifest)  # (height, width): larger images are outside every profile
         self.precision = manifest.get("precision", "mixed")
         self.flavor = manifest.get("flavor", "")
@@ -220,7 +227,8 @@ class TensorRTBackend:
         self.runtime = self.trt.Runtime(self.logger)
         self._scratch, self._scratch_bytes = 0, 0
         self._runtime_cache = None
-        self.engines = {name: self._load(name, self.folder, manifest["graphs"][name]) for name in DECODER_GRAPHS}
+        self.engines = {name: self._load(name, self.folder, manifest["graphs"][name])
+                        for name in decoder_graphs(manifest)}
         self._share_activation_memory()
 
     # --- loading --------------------------------------------------------------------------

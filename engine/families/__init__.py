@@ -16,6 +16,34 @@ from perco.engine.graphs import GraphContract
 
 
 @dataclass(frozen=True)
+class OptionalTextEncoder:
+    """A text encoder a model folder may carry, fed the caption re-tokenized by its own tokenizer.
+
+    The bitstream carries the first tokenizer's ids only; the decoder turns them back into text
+    (`perco.engine.text.caption_text`) and tokenizes that with this encoder's `tokenizer.json`. Its
+    output fills rows `offset:offset + max_length` of the text output `into`; without it those rows
+    stay as the text_encoder graph made them (PerCoV2: SD3's zeros in place of T5).
+    """
+
+    component: str  # model folder, also the graph name: "text_encoder_3"
+    tokenizer: str  # its tokenizer folder: "tokenizer_3"
+    files: Tuple[str, str]  # (config file, weights file) in `component`
+    contract: GraphContract  # the graph: one int64 input [B, max_length] -> one float32 output
+    into: str  # the text output it fills: "text_embeddings"
+    offset: int  # the first row of `into` it fills
+    max_length: int
+    width: Tuple[str, Tuple[str, str]]  # its config's output width field == (component, field) of another config
+
+    @property
+    def input(self) -> str:
+        return self.contract.inputs[0][0]
+
+    @property
+    def output(self) -> str:
+        return self.contract.outputs[0][0]
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # as stored in manifests and hashed into fingerprints: "perco-sd"
     title: str  # for people: "PerCo (SD)"
@@ -33,8 +61,15 @@ class Family:
     rates: Dict[str, Tuple[int, int]]  # preset rate -> (token grid side at reference_side, codebook size)
     text_inputs: Tuple[Tuple[str, str], ...] = (("input_ids", "tokenizer"),)  # text_encoder input <- tokenizer folder
     refused_components: Tuple[str, ...] = ()  # folders this engine does not run yet: refused, never ignored
+    optional_text: Optional[OptionalTextEncoder] = None  # run where the model folder has it (PerCoV2's T5)
     reference_side: int = 512
     network_sizes: Optional[Callable] = field(default=None, compare=False)  # (configs, weights bytes) -> NetworkSizes
+
+    def contract(self, optional_text: bool = False) -> Dict[str, GraphContract]:
+        """The graphs a model of this family runs: `graphs`, plus the optional text encoder's if it has one."""
+        if not (optional_text and self.optional_text):
+            return self.graphs
+        return {**self.graphs, self.optional_text.component: self.optional_text.contract}
 
     def default_steps(self, nominal_bpp: float) -> int:
         low, high, threshold = self.steps
@@ -73,6 +108,12 @@ def names() -> list:
 def of_manifest(manifest: dict) -> Family:
     """The family of an export or engines manifest (manifests before families: PerCo (SD))."""
     return get(str((manifest.get("model") or {}).get("family", "perco-sd")))
+
+
+def manifest_contract(manifest: dict) -> Dict[str, GraphContract]:
+    """The graphs an export or engines manifest must hold: its family's, plus the optional text encoder's
+    where the model has it."""
+    return of_manifest(manifest).contract(bool((manifest.get("model") or {}).get("optional_text")))
 
 
 def for_pipeline(pipeline: Optional[str]) -> Family:

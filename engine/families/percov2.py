@@ -1,15 +1,15 @@
 """PerCoV2 (Körber et al., 2025) as this engine defines it (no public code or weights; the choices
 are in docs/percov2.md): Stable Diffusion 3's MMDiT with the local features concatenated to the
 16 latent channels at its patch embedding, the 16-channel SD3 VAE (shift and scale), CLIP-L and
-CLIP-G text encoders with pooled projections (zeros where SD3 has T5), flow-matching Euler with
+CLIP-G text encoders with pooled projections (and T5-XXL where the folder has it), flow-matching Euler with
 classifier-free guidance, and a hyper-encoder + VQ on the 16-channel latent."""
 
-from perco.engine.families import Family, register
+from perco.engine.families import Family, OptionalTextEncoder, register
 from perco.engine.families.perco_sd import CONFIG_FIELDS as _SD_FIELDS
 from perco.engine.graphs import GraphContract
 from perco.engine.limits import NetworkSizes
 
-T5_TOKENS = 256  # SD3's max_sequence_length: zeros stand in for T5-XXL's states when it is absent
+T5_TOKENS = 256  # SD3's max_sequence_length; zeros stand in for T5-XXL's states when it is absent
 CLIP_TOKENS = 77
 
 # rate (bpp of the indices at 512x512) -> (token grid side at 512x512, codebook size); 0.0024-0.031 bpp
@@ -54,6 +54,14 @@ GRAPHS = {
     ),
 }
 
+T5 = OptionalTextEncoder(  # T5-XXL on the caption text: rows 77..332 of text_embeddings (zeros without it)
+    component="text_encoder_3", tokenizer="tokenizer_3", files=("config.json", "model.safetensors"),
+    contract=GraphContract(inputs=(("input_ids_3", "int64", "B,256"),),
+                           outputs=(("t5_embeddings", "float32", "B,256,J"),)),
+    into="text_embeddings", offset=CLIP_TOKENS, max_length=T5_TOKENS,
+    width=("d_model", ("transformer", "joint_attention_dim")),
+)
+
 _CH = ("int", 1, 8192, None)
 _TEXT = {"hidden_size": _CH, "intermediate_size": ("int", 1, 65536, None), "num_hidden_layers": ("int", 1, 128, None),
          "num_attention_heads": ("int", 1, 256, None), "max_position_embeddings": ("int", 1, 4096, 77),
@@ -69,6 +77,9 @@ CONFIG_FIELDS = {
                     "pos_embed_max_size": ("int", 1, 4096, None)},
     "text_encoder": _TEXT,
     "text_encoder_2": _TEXT,
+    "text_encoder_3": {"d_model": _CH, "d_ff": ("int", 1, 65536, None), "d_kv": ("int", 1, 1024, None),
+                       "num_layers": ("int", 1, 128, None), "num_heads": ("int", 1, 256, None),
+                       "vocab_size": ("int", 2, 1 << 20, None)},
 }
 
 
@@ -101,7 +112,7 @@ PERCOV2 = register(Family(
     latent_factor=8,
     text_inputs=(("input_ids", "tokenizer"), ("input_ids_2", "tokenizer_2")),
     text_outputs=("text_embeddings", "pooled_projections"),
-    refused_components=("text_encoder_3",),  # T5-XXL: zeros stand in for it (docs/percov2.md)
+    optional_text=T5,  # T5-XXL where the folder has it; zeros in its place otherwise (docs/percov2.md)
     schedules=("FlowSchedule",),
     guidance=3.0,
     steps=(20, 20, 0.05),

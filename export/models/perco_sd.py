@@ -360,6 +360,11 @@ def load_strict(module: nn.Module, path: Path, component: str) -> None:
         state = _map_keys(load_file(str(path)), component)
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"cannot read weights {path}: {exc}") from None
+    load_state_strict(module, state, path)
+
+
+def load_state_strict(module: nn.Module, state: dict, path: Path) -> None:
+    """Load `state` (read from `path`) into `module`; any missing, unexpected or misshaped tensor is a ModelError."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -1,7 +1,7 @@
 """PerCoV2 networks (torch): SD3's MMDiT with local features at the patch embedding, the 16-channel
 SD3 VAE, CLIP-L and CLIP-G text encoders with projections, and PerCo's hyper-encoder on the
-16-channel latent. Folder layout: diffusers' StableDiffusion3Pipeline plus hyper_enc/ (T5 is
-optional in SD3 and not used here: zeros stand in for its states). See docs/percov2.md."""
+16-channel latent, and T5-XXL where the folder has it (SD3 and this engine run without it, with zeros in
+its place). Folder layout: diffusers' StableDiffusion3Pipeline plus hyper_enc/. See docs/percov2.md."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perco.engine.families.percov2 import PERCOV2, RATES, T5_TOKENS
+from perco.engine.families.percov2 import PERCOV2, RATES, T5, T5_TOKENS
+from perco.engine.errors import ModelError
 from perco.engine.model import ModelInfo
-from perco.export.models.perco_sd import HyperEncoder, _quiet_from_config, _write_json, load_strict, save_components
+from perco.export.models.perco_sd import (
+    HyperEncoder, _quiet_from_config, _write_json, load_state_strict, load_strict, save_components,
+)
 
 COMPONENTS = PERCOV2.components
 
@@ -35,6 +38,13 @@ CLIP_L = {  # CLIPTextModelWithProjection, OpenAI ViT-L/14 text tower
 }
 CLIP_G = dict(CLIP_L, hidden_act="gelu", hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
               num_hidden_layers=32, projection_dim=1280)
+T5_XXL = {  # T5EncoderModel of google/t5-v1_1-xxl, as SD3's text_encoder_3
+    "architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": 4096, "d_ff": 10240, "d_kv": 64,
+    "num_heads": 64, "num_layers": 24, "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-06,
+    "dropout_rate": 0.1, "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1,
+    "decoder_start_token_id": 0, "tie_word_embeddings": False,
+}
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
@@ -46,6 +56,7 @@ class PercoV2Config:
     vae: dict = field(default_factory=lambda: dict(SD3_VAE))
     text_encoder: dict = field(default_factory=lambda: dict(CLIP_L))
     text_encoder_2: dict = field(default_factory=lambda: dict(CLIP_G))
+    text_encoder_3: dict = field(default_factory=lambda: dict(T5_XXL))  # written only with init-tiny --t5
     hyper_channels: tuple = (192, 320, 32)  # N, M, codebook_dim, as PerCo (SD)
     scheduler: dict = field(default_factory=lambda: dict(FLOW_SCHEDULER))
 
@@ -69,6 +80,8 @@ def _tiny(grid: int, codebook_size: int) -> PercoV2Config:
                          pos_embed_max_size=128, sample_size=64),
         vae=dict(SD3_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=512),
         text_encoder=clip_l, text_encoder_2=clip_g, hyper_channels=(16, 16, 8),
+        text_encoder_3=dict(T5_XXL, d_ff=64, d_kv=16, num_heads=2, num_layers=2, relative_attention_num_buckets=8,
+                            relative_attention_max_distance=32),
     )
 
 
@@ -97,10 +110,15 @@ def _transformer_class():
     return PercoV2Transformer
 
 
+def components_of(info: ModelInfo) -> tuple:
+    """The components of a PerCoV2 folder: the family's, plus T5 where the folder has it."""
+    return tuple(COMPONENTS) + ((T5.component,) if info.optional_text else ())
+
+
 def build_modules(configs: dict, names=tuple(COMPONENTS)) -> dict:
     """Random-initialised modules for the components `names` (seed torch first)."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     modules = {}
     for name in names:
@@ -111,6 +129,9 @@ def build_modules(configs: dict, names=tuple(COMPONENTS)) -> dict:
             modules[name].add_local_feature_input(int(configs["hyper_enc"]["M"]))
         elif name == "vae":
             modules[name] = _quiet_from_config(AutoencoderKL, configs["vae"])
+        elif name == T5.component:
+            config = T5Config(**{k: v for k, v in configs[name].items() if not k.startswith("_")})
+            modules[name] = T5EncoderModel(config)
         else:  # text_encoder, text_encoder_2
             config = CLIPTextConfig(**{k: v for k, v in configs[name].items() if not k.startswith("_")})
             modules[name] = CLIPTextModelWithProjection(config)
@@ -121,9 +142,30 @@ def load_model(info: ModelInfo, names=tuple(COMPONENTS)) -> dict:
     """Networks of a PerCoV2 folder, strictly loaded, eval mode, float32, CPU."""
     modules = build_modules(info.configs, names)
     for name, module in modules.items():
-        load_strict(module, info.folder / name / COMPONENTS[name][1], "text_encoder" if "text" in name else name)
+        if name == T5.component:
+            _load_t5(module, info.folder / name / T5.files[1])
+        else:
+            load_strict(module, info.folder / name / COMPONENTS[name][1], "text_encoder" if "text" in name else name)
         module.eval().requires_grad_(False)
     return modules
+
+
+def _load_t5(module, path: Path) -> None:
+    """T5 strictly, from one file or transformers' shards; the tied shared/encoder embedding may be stored once."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from perco.engine.model import weights_files
+
+    state = {}
+    for f in weights_files(path):
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"cannot read weights {f}: {exc}") from None
+    if "shared.weight" in state:  # transformers stores the tied pair as shared.weight alone
+        state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
+    load_state_strict(module, state, path)
 
 
 # --- the graphs ----------------------------------------------------------------------------------
@@ -144,6 +186,17 @@ class TextEncoder(nn.Module):
         clip = F.pad(clip, (0, self.joint_dim - clip.shape[-1]))
         t5 = torch.zeros(clip.shape[0], T5_TOKENS, self.joint_dim, dtype=clip.dtype)
         return torch.cat([clip, t5], dim=1), torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)
+
+
+class T5Encoder(nn.Module):
+    """T5-XXL's last hidden states for SD3 (no attention mask: SD3 runs it over the padding too)."""
+
+    def __init__(self, t5):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids_3):
+        return self.t5(input_ids_3).last_hidden_state
 
 
 class VaeEncoder(nn.Module):
@@ -184,7 +237,7 @@ class _HyperGraph(nn.Module):
 
 GRAPH_COMPONENTS = {"text_encoder": ("text_encoder", "text_encoder_2"), "vae_encoder": ("vae",),
                     "hyper_encoder": ("hyper_enc",), "local_features": ("hyper_enc",), "denoiser": ("transformer",),
-                    "vae_decoder": ("vae",)}
+                    "vae_decoder": ("vae",), T5.component: (T5.component,)}
 
 
 def graph_modules(modules: dict, info: ModelInfo) -> dict:
@@ -198,8 +251,9 @@ def graph_modules(modules: dict, info: ModelInfo) -> dict:
         "local_features": lambda: _HyperGraph(modules["hyper_enc"], local=True),
         "denoiser": lambda: Denoiser(modules["transformer"]),
         "vae_decoder": lambda: VaeDecoder(modules["vae"], scale, shift),
+        T5.component: lambda: T5Encoder(modules[T5.component]),
     }
-    return {name: make[name]().eval() for name in PERCOV2.graphs
+    return {name: make[name]().eval() for name in PERCOV2.contract(optional_text=True)
             if all(c in modules for c in GRAPH_COMPONENTS[name])}
 
 
@@ -212,9 +266,22 @@ def graph_constants(configs: dict) -> dict:
 # --- writing a model folder (init-tiny --family percov2) --------------------------------------
 
 
-def write_model_folder(config: PercoV2Config, folder: Path, seed: int, tokenizer_dir=None) -> Path:
-    """A seeded, random PerCoV2 model in the SD3 diffusers layout plus hyper_enc/."""
-    from perco.export.models.tokenizer import copy_tokenizer, set_pad_token, write_builtin_tokenizer
+def _save_t5(folder: Path, module, config: dict) -> None:
+    """As transformers saves T5EncoderModel: the tied embedding once, as shared.weight."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    _write_json(folder / T5.files[0], config)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(state, str(folder / T5.files[1]))
+
+
+def write_model_folder(config: PercoV2Config, folder: Path, seed: int, tokenizer_dir=None, t5: bool = False) -> Path:
+    """A seeded, random PerCoV2 model in the SD3 diffusers layout plus hyper_enc/ (with `t5`, also
+    text_encoder_3/ and tokenizer_3/: T5-XXL's architecture, or a tiny T5 with the built-in T5 tokenizer)."""
+    from perco.export.models.tokenizer import (
+        copy_tokenizer, set_pad_token, write_builtin_t5_tokenizer, write_builtin_tokenizer,
+    )
 
     folder = Path(folder)
     for tok, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):  # SD3: CLIP-L pads with EOS, CLIG-G with !
@@ -234,16 +301,21 @@ def write_model_folder(config: PercoV2Config, folder: Path, seed: int, tokenizer
     assert clip_width <= config.transformer["joint_attention_dim"] and pooled == config.transformer["pooled_projection_dim"]
     torch.manual_seed(seed)
     save_components(folder, build_modules(configs), configs, COMPONENTS, config.scheduler)
+    if t5:
+        t5_config = dict(config.text_encoder_3, d_model=config.transformer["joint_attention_dim"],
+                         vocab_size=write_builtin_t5_tokenizer(folder / T5.tokenizer))
+        _save_t5(folder / T5.component, build_modules({T5.component: t5_config}, (T5.component,))[T5.component],
+                 t5_config)
     _write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusion3Pipeline",
         "hyper_enc": ["hyper_encoder", "HyperEncoder"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_3": [None, None],
+        "text_encoder_3": ["transformers", "T5EncoderModel"] if t5 else [None, None],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": [None, None],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"] if t5 else [None, None],
         "transformer": ["perco_v2", "SD3Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })  # fmt: skip

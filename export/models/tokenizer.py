@@ -2,7 +2,8 @@
 
 The built-in tokenizer is a real CLIP-format byte-level BPE (vocab.json + merges.txt loadable by
 transformers' CLIPTokenizer): the 512 byte tokens, merges learned from a short built-in word
-list, then <|startoftext|> and <|endoftext|>.
+list, then <|startoftext|> and <|endoftext|>. The built-in T5 tokenizer (`write_builtin_t5_tokenizer`)
+is a small Unigram model in the layout of T5's fast tokenizer (tokenizer.json).
 """
 
 import json
@@ -108,3 +109,35 @@ def set_pad_token(folder: Path, token: str) -> None:
             config = json.loads(path.read_text(encoding="utf-8"))
             config["pad_token"] = token
             path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+T5_SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def write_builtin_t5_tokenizer(folder: Path) -> int:
+    """A small T5-layout tokenizer (tokenizer.json + configs, loadable by transformers' T5TokenizerFast); return
+    its vocabulary size.
+
+    The structure of T5's: a Unigram model over "▁"-prefixed pieces, whitespace split then Metaspace, "</s>"
+    appended, ids 0/1/2 = <pad>/</s>/<unk>. Its pieces are the built-in words and single characters. It has no
+    normaliser: T5's is a precompiled sentencepiece charsmap, which needs T5's own files (transformers 5 keeps
+    exactly that one when it rebuilds a T5 tokenizer, and drops any other).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0 - 0.1 * len(w)) for w in sorted(set(_WORDS))]
+    pieces += [(c, -8.0) for c in chars] + [("▁" + c, -8.5) for c in chars]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = dict(T5_SPECIAL, model_max_length=512, tokenizer_class="T5Tokenizer", extra_ids=0)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(T5_SPECIAL, indent=2) + "\n", encoding="utf-8")
+    return tokenizer.get_vocab_size()
