@@ -142,11 +142,33 @@ def tables_from_logits(logits) -> np.ndarray:
         t = ((np.where(valid[:, None], m, 0) - x) * np.float32(1 << LOGIT_FRAC_BITS)).astype(np.float32)
     t = np.where(np.isnan(t) | (t >= LOGIT_MAX_STEPS), LOGIT_MAX_STEPS, np.maximum(t, 0))  # < 0 only in invalid rows
     n = t.astype(np.uint64)
+    n[~valid] = 0  # weight 2^31 everywhere
+    tables = tables_from_steps(n)
+    return tables[0] if single else tables
+
+
+def tables_from_steps(steps) -> np.ndarray:
+    """Integer logit steps [K] or [N, K] (>= 0, in 2^-12 nat below the row maximum) -> integer tables.
+
+    The integer half of `tables_from_logits`, for models whose logits are integers already: each row
+    is shifted so its minimum is 0 and capped at 2^20 - 1 (n_i); w_i = (hi[n_i >> 6] * lo[n_i & 63]) >> 31
+    from `exp_tables()` (0 past the end of hi); then the integer normalisation.
+
+    >>> tables_from_steps([[0, 0], [0, 2839]]).tolist()  # 2839 steps ~ ln 2
+    [[8388608, 8388608], [11184692, 5592524]]
+    """
+    n = np.asarray(steps)
+    if n.dtype.kind not in "iu" or n.ndim not in (1, 2):
+        raise ValueError(f"expected integer steps [K] or [N, K], got {n.dtype} {n.shape}")
+    single = n.ndim == 1
+    n = np.atleast_2d(n)
+    if n.size and n.min() < 0:
+        raise ValueError("logit steps must be >= 0")
+    n = n.astype(np.uint64)
+    n = np.minimum(n - n.min(axis=1, keepdims=True), np.uint64(LOGIT_MAX_STEPS))
     hi, lo = exp_tables()
     hi_index = n >> np.uint64(6)
     in_range = hi_index < len(hi)
     weights = np.where(in_range, (hi[np.minimum(hi_index, len(hi) - 1)] * lo[n & np.uint64(63)]) >> np.uint64(31), 0)
-    weights = weights.astype(np.uint64)
-    weights[~valid] = ONE
-    tables = _normalize(weights)
+    tables = _normalize(weights.astype(np.uint64))
     return tables[0] if single else tables
