@@ -2,11 +2,14 @@
 
     byte 0        0xB1: high nibble 0xB marks a PerCo Engine bitstream, low nibble = version 1
     bytes 1-4     model fingerprint (first 4 bytes)
-    byte 5        flags: bit 0 explicit size, bit 1 explicit seed, bit 2 decoder hints, bit 3 model family
+    byte 5        flags: bit 0 explicit size, bit 1 explicit seed, bit 2 decoder hints, bit 3 model family,
+                  bit 4 hybrid mode
     [u8 family id]              if flag 3 (1 = percov2), else 0 = perco-sd
     [varint w, varint h]        if flag 0, else 512 x 512
     [varint seed]               if flag 1, else 0
     [varint n, n x (u8 key, varint value)]   if flag 2
+    [varint G]                  if flag 4: the index stream holds only the first G groups of the learned
+                                entropy model's schedule; the decoder generates the rest
     varint caption byte count C
     C bytes       caption stream (rANS, caption prior over CLIP token ids, EOS-terminated)
     ... bytes     index stream, the rest: written by the model's index coder (`entropy.index_coders`;
@@ -38,7 +41,8 @@ MAX_SIDE = 16384
 FINGERPRINT_BYTES = 4
 CRC_BYTES = 4
 
-FLAG_SIZE, FLAG_SEED, FLAG_HINTS, FLAG_FAMILY = 1, 2, 4, 8
+FLAG_SIZE, FLAG_SEED, FLAG_HINTS, FLAG_FAMILY, FLAG_HYBRID = 1, 2, 4, 8, 16
+_FLAGS = FLAG_SIZE | FLAG_SEED | FLAG_HINTS | FLAG_FAMILY | FLAG_HYBRID
 # the model family, as numbered by the format: 0 (perco-sd) is implied when FLAG_FAMILY is clear, so
 # PerCo (SD) streams are unchanged; a reader refuses a stream of another family before any decoding
 FAMILY_IDS = {"perco-sd": 0, "percov2": 1}
@@ -74,6 +78,7 @@ class Header:
     seed: int = 0
     hints: Hints = field(default_factory=Hints)
     family: str = "perco-sd"
+    groups: Optional[int] = None  # hybrid mode: the index groups sent (None: all of them)
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,12 @@ class StreamSpec:
     pad_multiple: int  # images are padded to a multiple of this many pixels
     family: str = "perco-sd"
     index_coder: str = "uniform"  # perco.engine.entropy.index_coders
+    entropy_dir: Optional[object] = field(default=None, compare=False)  # the learned coder's entropy_model/ folder
 
     def coder(self):
         from perco.engine.entropy.index_coders import make_index_coder
 
-        return make_index_coder(self.index_coder, self.codebook_size)
+        return make_index_coder(self.index_coder, self.codebook_size, self.entropy_dir)
 
     def token_grid(self, width: int, height: int) -> tuple:
         """(rows, cols) of the token grid for an image of this size."""
@@ -189,6 +195,7 @@ def serialize(header: Header, caption_words: np.ndarray, index_words: np.ndarray
         | (FLAG_SEED if header.seed else 0)
         | (FLAG_HINTS if hints else 0)
         | (FLAG_FAMILY if family else 0)
+        | (FLAG_HYBRID if header.groups is not None else 0)
     )
     out = bytearray([MAGIC_NIBBLE << 4 | VERSION])
     out += header.fingerprint
@@ -205,6 +212,10 @@ def serialize(header: Header, caption_words: np.ndarray, index_words: np.ndarray
         for key, value in hints:
             out.append(key)
             _put_varint(out, value)
+    if flags & FLAG_HYBRID:
+        if header.groups < 1:
+            raise ValueError(f"hybrid mode sends at least one group, got {header.groups}")
+        _put_varint(out, header.groups)
     caption = _trimmed(caption_words)
     _put_varint(out, len(caption))
     out += caption
@@ -233,7 +244,7 @@ def parse(data: bytes) -> tuple:
     reader.pos = 1 + FINGERPRINT_BYTES
     fingerprint = body[1 : 1 + FINGERPRINT_BYTES]
     flags = reader.byte("flags")
-    if flags & ~(FLAG_SIZE | FLAG_SEED | FLAG_HINTS | FLAG_FAMILY):
+    if flags & ~_FLAGS:
         raise BitstreamError(f"corrupt bitstream: unknown flags 0x{flags:02x}")
     family = "perco-sd"
     if flags & FLAG_FAMILY:
@@ -262,12 +273,17 @@ def parse(data: bytes) -> tuple:
         raise BitstreamError(f"corrupt bitstream: hinted step count {steps} outside 1..{MAX_STEPS}")
     if guidance is not None and not guidance <= MAX_GUIDANCE:
         raise BitstreamError(f"corrupt bitstream: hinted guidance {guidance} outside 0..{MAX_GUIDANCE:g}")
+    groups = None
+    if flags & FLAG_HYBRID:
+        groups = reader.varint("hybrid group count")
+        if groups < 1:
+            raise BitstreamError("corrupt bitstream: hybrid mode with 0 groups sent")
     caption_size = reader.varint("caption length")
     header_len = reader.pos
     caption = reader.stream(caption_size, "caption")
     rest = len(body) - reader.pos
     indices = reader.stream(rest, "index")
-    header = Header(bytes(fingerprint), width, height, seed, Hints(steps, guidance), family)
+    header = Header(bytes(fingerprint), width, height, seed, Hints(steps, guidance), family, groups)
     sections = Sections(header=header_len, caption=caption_size, indices=rest, check=CRC_BYTES)
     return header, caption, indices, sections
 
@@ -289,7 +305,14 @@ def pack(header: Header, caption_ids, indices: np.ndarray, spec: StreamSpec, bac
     if caption_ids.size < layout.max_content:
         symbols = np.append(caption_ids, layout.eos_id)
     caption_words = encode_symbols(symbols, caption_table(layout.vocab_size, layout.eos_id, layout.bos_id))
-    index_words = spec.coder().encode(indices, backend)
+    coder = spec.coder()
+    if header.groups is None:
+        index_words = coder.encode(indices, backend)
+    else:
+        total = coder.num_groups((rows, cols))
+        if not 1 <= header.groups < total:
+            raise ValueError(f"hybrid mode sends 1..{total - 1} of this grid's {total} groups, got {header.groups}")
+        index_words = coder.encode(indices, backend, groups=header.groups)
     return serialize(header, caption_words, index_words)
 
 
@@ -323,4 +346,7 @@ def decode_caption(words: np.ndarray, layout: TokenLayout) -> np.ndarray:
 
 
 def decode_indices(words: np.ndarray, header: Header, spec: StreamSpec, backend=None) -> np.ndarray:
-    return spec.coder().decode(words, spec.token_grid(header.width, header.height), backend)
+    shape = spec.token_grid(header.width, header.height)
+    if header.groups is None:
+        return spec.coder().decode(words, shape, backend)
+    return spec.coder().decode(words, shape, backend, groups=header.groups, seed=header.seed)

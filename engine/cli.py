@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
     p.add_argument("--steps-hint", type=_positive, default=None, metavar="N",
                    help="suggest a step count to the decoder (stored in the bitstream)")
+    p.add_argument("--send", type=_send, default=None, metavar="FRACTION|N",
+                   help="hybrid mode (a model with a learned entropy model): transmit only the first groups of the "
+                        "index schedule, a fraction of them (0.5) or a count (3); the decoder generates the rest from "
+                        "the entropy model, seeded by --seed. Default: every group")
     _backend_arg(p)
     _quiet_arg(p)
 
@@ -147,6 +151,17 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _send(text: str):
+    """A group count ("3") or a fraction in (0, 1] ("0.5")."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        value = None
+    if value is None or isinstance(value, float) and not 0 < value <= 1 or isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or a group count >= 1, got {text!r}")
     return value
 
 
@@ -267,7 +282,7 @@ def cmd_compress(args) -> None:
     limit.check_image(image.shape[1], image.shape[0], spec.pad_multiple, encode=True)
     with _codec(args) as codec:
         data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint),
-                              progress=not args.quiet)
+                              progress=not args.quiet, send=args.send)
     write_output(args.output, data)
     h, w = image.shape[:2]
     _result(args, f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
@@ -306,6 +321,7 @@ def cmd_info(args) -> None:
         "height": header.height,
         "seed": header.seed,
         "hints": {"steps": header.hints.steps, "guidance": header.hints.guidance},
+        "hybrid_groups_sent": header.groups,
         "bytes": {"total": sections.total, "header": sections.header, "caption": sections.caption,
                   "indices": sections.indices, "check": sections.check, "framing": sections.framing},
         "bpp": {"total": 8 * sections.total / pixels, "caption": 8 * sections.caption / pixels,
@@ -321,6 +337,8 @@ def cmd_info(args) -> None:
         info["caption_tokens"] = int(caption_ids.size)
         info["caption"] = detokenize(caption_ids, spec.tokenizer_dir)
         info["token_grid"] = list(indices.shape)
+        coder = spec.stream_spec.coder()
+        info["index_coder"] = {"name": coder.name, "groups": coder.num_groups(indices.shape)}
         try:
             limit.check_image(header.width, header.height, spec.pad_multiple)
             info["decodable"] = {"backend": _backend_name(args), "ok": True, "max_pixels": limit.max_pixels}
@@ -339,6 +357,13 @@ def cmd_info(args) -> None:
                                                     if "caption" in info else ""))
     print(f"  indices   {b['indices']:6d} bytes" + (f"  grid {info['token_grid'][0]}x{info['token_grid'][1]}"
                                                     if "token_grid" in info else ""))
+    if "index_coder" in info:
+        coder = info["index_coder"]
+        sent = header.groups or coder["groups"]
+        print(f"  coder     {coder['name']}, {sent} of {coder['groups']} groups sent"
+              + (" (hybrid: the decoder draws the rest)" if header.groups else ""))
+    elif header.groups:
+        print(f"  hybrid    {header.groups} index groups sent (the decoder draws the rest)")
     if "decodable" in info:
         d = info["decodable"]
         print(f"  decode    {'within' if d['ok'] else 'OVER'} the {d['backend']} limit" + ("" if d["ok"] else

@@ -98,10 +98,13 @@ class Codec:
 
     # --- encoder side ---------------------------------------------------------------------
 
-    def compress(self, image, caption: str = "", seed: int = 0, hints: Hints = Hints(), progress: bool = False) -> bytes:
+    def compress(self, image, caption: str = "", seed: int = 0, hints: Hints = Hints(), progress: bool = False,
+                 send=None) -> bytes:
         """Image (path, PIL image or uint8 [H, W, 3]) + caption -> bitstream bytes.
 
-        Images over the size limit are refused (DecodeLimitError): they could not be decoded.
+        `send` (hybrid mode, a learned entropy model only): the index groups to transmit, as a count (int)
+        or a fraction of the schedule's groups (float in (0, 1], rounded up); the decoder generates the
+        rest. Images over the size limit are refused (DecodeLimitError): they could not be decoded.
         """
         if not 0 <= seed < 1 << 64:
             raise PercoError(f"seed must be in 0..2^64-1, got {seed}")
@@ -127,13 +130,30 @@ class Codec:
                 caption_ids = self._tokenize(caption)
             bar.update()
             with t.stage("entropy_encode"):
+                groups = self._groups_sent(send, indices.shape)
                 header = Header(self.model.fingerprint[: bitstream.FINGERPRINT_BYTES], width, height, seed, hints,
-                                self.model.family)
+                                self.model.family, groups)
                 data = bitstream.pack(header, caption_ids, indices, self.model.stream_spec, self.backend)
             bar.update()
         finally:
             bar.close()
         return data
+
+    def _groups_sent(self, send, shape: tuple) -> Optional[int]:
+        """The header's group count for `send` (None: every group, no hybrid flag)."""
+        if send is None:
+            return None
+        coder = self.model.stream_spec.coder()
+        total = coder.num_groups(shape)
+        if isinstance(send, bool) or not isinstance(send, (int, float)) or not math.isfinite(send):
+            raise PercoError(f"send must be a group count or a fraction in (0, 1], got {send!r}")
+        if total == 1:
+            raise PercoError(f"hybrid mode needs a learned entropy model: this model's {coder.name} index coding "
+                             f"has one group (train one with 'perco train-entropy')")
+        count = send if isinstance(send, int) else math.ceil(send * total - 1e-9)
+        if isinstance(send, float) and not 0 < send <= 1 or not 1 <= count <= total:
+            raise PercoError(f"send must be 1..{total} groups or a fraction in (0, 1], got {send!r}")
+        return None if count == total else count
 
     def _tokenize(self, caption: str) -> np.ndarray:
         if not caption:

@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 
 # the files of a transformers CLIP tokenizer folder that travel with models, exports and engines
 TOKENIZER_COPY = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# a learned entropy model (perco.engine.entropy.learned): an export or engines folder carries a copy
+ENTROPY_FILES = ("config.json", "model.safetensors")
 # a fast tokenizer (T5's): an exported tokenizer folder holds one per optional text encoder, in a subfolder
 FAST_TOKENIZER_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -47,3 +47,13 @@ GRAPHS = {
         outputs=(("image", "float32", "B,3,H,W"),),
     ),
 }
+
+
+# The learned entropy model's integer network (perco.engine.entropy.learned), in an export when the model has
+# one: ids [gh, gw] (MASK = K) -> int32 logits and int64 logit steps [K, gh, gw]. Not a family graph: TensorRT
+# does not build it, and a backend without it leaves it to the numpy reference (the integers are the same).
+ENTROPY_GRAPH = "entropy_model"
+ENTROPY_CONTRACT = GraphContract(
+    inputs=(("ids", "int64", "gh,gw"),),
+    outputs=(("logits", "int32", "K,gh,gw"), ("steps", "int64", "K,gh,gw")),
+)

@@ -27,7 +27,7 @@ def read_manifest(folder, verify: bool = False) -> dict:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ModelError(f"{path} is not a format-{MANIFEST_FORMAT} PerCo Engine manifest: re-run 'perco export'")
     graphs = manifest.get("graphs", {})
-    contract = families.manifest_contract(manifest)
+    contract = families.runtime_graphs(manifest)
     missing = sorted(set(contract) - set(graphs))
     if missing:
         raise ModelError(f"{path} lacks graphs: {', '.join(missing)}")
@@ -47,4 +47,5 @@ def spec_from_artifacts(folder) -> tuple:
 
     manifest = read_manifest(folder)
     tokenizer = Path(folder) / manifest["tokenizer"] if manifest.get("tokenizer") else None
-    return ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer), manifest
+    entropy = Path(folder) / manifest["entropy_model"] if manifest.get("entropy_model") else None
+    return ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer, entropy_dir=entropy), manifest

@@ -123,6 +123,7 @@ class ModelSpec:
     extra_tokens: tuple = ()  # ((text_encoder input, TokenLayout), ...) beyond input_ids (PerCoV2's CLIP-G)
     index_coder: str = "uniform"  # how the token indices are entropy coded (perco.engine.entropy.index_coders)
     optional_text_dir: Optional[Path] = None  # the family's optional text encoder's tokenizer, where the model has it
+    entropy_dir: Optional[Path] = None  # the learned index coder's entropy_model/ folder (index_coder "learned")
 
     @property
     def has_optional_text(self) -> bool:
@@ -156,6 +157,7 @@ class ModelSpec:
             pad_multiple=self.pad_multiple,
             family=self.family,
             index_coder=self.index_coder,
+            entropy_dir=self.entropy_dir,
         )
 
     def describe(self) -> str:
@@ -181,9 +183,10 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, tokenizer_dir: Optional[Path] = None) -> "ModelSpec":
+    def from_dict(cls, d: dict, tokenizer_dir: Optional[Path] = None,
+                  entropy_dir: Optional[Path] = None) -> "ModelSpec":
         """A spec from its `to_dict`; an exported folder's `tokenizer_dir` also holds the optional text
-        encoder's tokenizer, in a subfolder of its name."""
+        encoder's tokenizer, in a subfolder of its name, and `entropy_dir` is its entropy model's copy."""
         try:
             spec = cls(
                 fingerprint=bytes.fromhex(d["fingerprint"]),
@@ -198,6 +201,7 @@ class ModelSpec:
                                    for name, t in (d.get("extra_tokens") or {}).items()),
                 index_coder=str(d.get("index_coder", "uniform")),
                 optional_text_dir=_optional_text_dir(d, tokenizer_dir),
+                entropy_dir=Path(entropy_dir) if entropy_dir is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model description is malformed: {exc!r}") from None
@@ -275,6 +279,7 @@ class ModelInfo:
                              f"{'diffusion' if 'NoiseSchedule' in family.schedules else 'flow-matching'} model and "
                              f"needs {needs}, not {self.scheduler_config.get('_class_name')}")
         self.optional_text = self._read_optional_text()
+        self.entropy_model = self._read_entropy_model()
         self.tokens = TokenLayout.from_tokenizer_dir(self.folder / "tokenizer")
         self.extra_tokens = tuple((name, TokenLayout.from_tokenizer_dir(self.folder / tokenizer))
                                   for name, tokenizer in family.text_inputs[1:])
@@ -301,6 +306,19 @@ class ModelInfo:
                              f"needs its fast tokenizer file (transformers writes it: "
                              f"AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
         return optional
+
+    def _read_entropy_model(self):
+        """The learned entropy model of entropy_model/ if the folder has one (it codes the indices), else None."""
+        from perco.engine.entropy.learned import FOLDER, load_entropy_model
+
+        if not (self.folder / FOLDER).exists():
+            return None
+        model = load_entropy_model(self.folder / FOLDER)
+        if model.config.codebook_size != self.rate.codebook_size:
+            raise ModelError(f"{self.folder / FOLDER}: the entropy model is for a codebook of "
+                             f"{model.config.codebook_size}, hyper_enc's has {self.rate.codebook_size}; retrain it "
+                             f"(perco train-entropy) or remove it")
+        return model
 
     @cached_property
     def optional_text_digest(self) -> Optional[str]:
@@ -347,6 +365,10 @@ class ModelInfo:
         for t in (self.tokens, *(layout for _, layout in self.extra_tokens)):
             h.update(struct.pack("<5q", t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.max_length))
         h.update((self.folder / "hyper_enc" / self.family.components["hyper_enc"][1]).read_bytes())
+        if self.entropy_model is not None:  # absent: the fingerprints of models without one are unchanged
+            config = self.entropy_model.config
+            h.update(b"entropy_model" + json.dumps(config.to_dict(), sort_keys=True).encode())
+            h.update(bytes.fromhex(self.entropy_model.net.weights_digest()))
         return h.digest()
 
     @cached_property
@@ -362,6 +384,8 @@ class ModelInfo:
             sizes=self.family.network_sizes(self.configs, self._weights_bytes()),
             extra_tokens=self.extra_tokens,
             optional_text_dir=self.folder / self.optional_text.tokenizer if self.optional_text else None,
+            index_coder="learned" if self.entropy_model is not None else "uniform",
+            entropy_dir=self.folder / "entropy_model" if self.entropy_model is not None else None,
         )
 
     @property
@@ -399,6 +423,8 @@ def _folder_state(folder: Path) -> tuple:
     family = _family_of(folder)
     files = [f"{name}/{f}" for name, pair in family.components.items() for f in pair]
     files += [SCHEDULER_CONFIG] + [f"{tok}/{f}" for _, tok in family.text_inputs for f in TOKENIZER_FILES]
+    if (folder / "entropy_model").is_dir():
+        files += [f"entropy_model/{f}" for f in sorted(os.listdir(folder / "entropy_model"))]
     optional = family.optional_text
     if optional and (folder / optional.component).is_dir():
         files += [f"{optional.component}/{f}" for f in os.listdir(folder / optional.component)]

@@ -24,7 +24,7 @@ from typing import Optional
 
 from perco.engine.backends.tensorrt import ENGINES_FORMAT, ENGINES_MANIFEST, import_flavor, make_logger
 from perco.engine.errors import PercoError
-from perco.engine.files import atomic_json, atomic_write, copy_folder, tokenizer_files
+from perco.engine.files import ENTROPY_FILES, atomic_json, atomic_write, copy_folder, tokenizer_files
 from perco.engine import families
 from perco.engine.manifest import file_sha256, read_manifest
 
@@ -372,7 +372,7 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
         atomic_write(cache_path, memoryview(timing_cache.serialize()))
     result = {"format": ENGINES_FORMAT, "flavor": flavor.name, "version": flavor.version, "precision": precision,
               "target_cc": list(target_cc), "model": manifest["model"], "tokenizer": _copy_tokenizer(artifacts, manifest, out),
-              "graphs": entries}
+              **_copy_entropy_model(artifacts, manifest, out), "graphs": entries}
     atomic_json(out / ENGINES_MANIFEST, result)
     keep = {e["file"] for e in entries.values()} | {e["onnx"] for e in entries.values()}
     for path in out.iterdir():  # engines of earlier builds of this precision that no manifest names
@@ -462,6 +462,16 @@ def _copy_tokenizer(artifacts: Path, manifest: dict, out: Path) -> Optional[str]
     if name:
         copy_folder(artifacts / name, out / name, names=tokenizer_files(artifacts / name))
     return name
+
+
+def _copy_entropy_model(artifacts: Path, manifest: dict, out: Path) -> dict:
+    """The learned entropy model travels too: TensorRT does not build its integer network, the runtime's numpy
+    reference runs it (the same integers)."""
+    name = manifest.get("entropy_model")
+    if not name:
+        return {}
+    copy_folder(artifacts / name, out / name, names=ENTROPY_FILES, replace=True)
+    return {"entropy_model": name}
 
 
 def _has_bf16(path: Path) -> bool:

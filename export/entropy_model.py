@@ -131,7 +131,29 @@ class TorchIntNet(torch.nn.Module):
 
     def steps(self, ids) -> torch.Tensor:
         """int64 logit steps [K, h, w], as the ONNX graph's `steps` output."""
-        logits = self.forward(ids).to(torch.float64)
+        return self.steps_of(self.forward(ids))
+
+    def steps_of(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.to(torch.float64)
         below = logits.amax(dim=0, keepdim=True) - logits
         steps = torch.floor(below * self.config.logit_multiplier / 2.0 ** self.config.logit_shift)
         return steps.clamp(max=LOGIT_MAX_STEPS).to(torch.int64)
+
+
+class EntropyGraph(torch.nn.Module):
+    """The `entropy_model` graph of the torch backend: ids -> (int32 logits, int64 steps) [K, h, w]."""
+
+    def __init__(self, model, device="cpu"):  # model: a perco.engine.entropy.learned.EntropyModel
+        super().__init__()
+        self.net = TorchIntNet(model.config, model.net.weights, device=device)
+
+    def forward(self, ids):
+        logits = self.net(ids)
+        return logits, self.net.steps_of(logits)
+
+
+def export_entropy_graph(model, path) -> None:
+    """Write the ONNX graph of an EntropyModel to `path` (checked by onnx.checker in `onnx_graph`)."""
+    from perco.engine.files import atomic_write
+
+    atomic_write(path, onnx_graph(model.config, model.net.weights).SerializeToString())

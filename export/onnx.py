@@ -26,8 +26,8 @@ import torch
 
 from perco.engine import families
 from perco.engine.errors import ModelError, PercoError
-from perco.engine.files import FAST_TOKENIZER_COPY, atomic_json, copy_folder
-from perco.engine.graphs import GRAPHS
+from perco.engine.files import ENTROPY_FILES, FAST_TOKENIZER_COPY, atomic_json, copy_folder
+from perco.engine.graphs import ENTROPY_CONTRACT, ENTROPY_GRAPH, GRAPHS
 from perco.engine.manifest import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest
 from perco.engine.model import ModelInfo
 from perco.export.graphs import (
@@ -91,6 +91,11 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
         del graphs
         gc.collect()
     entries = {name: entries[name] for name in contract}
+    extra = {}
+    if info.entropy_model is not None:  # the integer network, built node by node (not traced): exact on every provider
+        entries[ENTROPY_GRAPH] = _export_entropy_graph(info, out, key, log)
+        extra["entropy_model"] = f"entropy_model-{info.fingerprint[:4].hex()}"
+        copy_folder(info.folder / "entropy_model", out / extra["entropy_model"], names=ENTROPY_FILES, replace=True)
 
     tokenizer = f"tokenizer-{info.fingerprint[:4].hex()}"
     copy_folder(info.folder / "tokenizer", out / tokenizer, replace=True)
@@ -104,12 +109,29 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
         "profile": profile.to_dict(),
         "model": info.spec.to_dict(),
         "tokenizer": tokenizer,
+        **extra,
         "graphs": entries,
     }
     atomic_json(out / MANIFEST, manifest)
     _remove_unreferenced(out, manifest)
     log(f"wrote {out / MANIFEST}")
     return out / MANIFEST
+
+
+def _export_entropy_graph(info: ModelInfo, out: Path, key: str, log) -> dict:
+    from perco.export.entropy_model import export_entropy_graph
+
+    start = time.perf_counter()
+    filename = f"{ENTROPY_GRAPH}-{key[:12]}.onnx"
+    log(f"[+] {ENTROPY_GRAPH} (integer network, {info.entropy_model.config.channels} channels)")
+    export_entropy_graph(info.entropy_model, out / filename)
+    return {
+        "file": filename, "external_data": None, "sha256": {filename: file_sha256(out / filename)},
+        "bytes": (out / filename).stat().st_size,
+        "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ENTROPY_CONTRACT.inputs],
+        "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ENTROPY_CONTRACT.outputs],
+        "export_seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def _reusable(out: Path, key: str) -> bool:
@@ -196,6 +218,7 @@ def _optimize(raw: Path) -> dict:
 
 
 _GRAPH_NAMES = {name for f in map(families.get, families.names()) for name in f.contract(optional_text=True)}
+_GRAPH_NAMES.add(ENTROPY_GRAPH)
 
 
 def _remove_unreferenced(out: Path, manifest: dict) -> None:
@@ -233,7 +256,22 @@ def parity(model_dir, artifacts, seed: int = 0) -> dict:
         else:  # the worst output, relative to its own scale
             err = max(float(np.abs(a - r).max() / max(float(np.abs(r).max()), 1e-12)) for a, r in zip(actual, reference))
             report[name] = {"max_rel_error": err}
+    if info.entropy_model is not None and ENTROPY_GRAPH in manifest["graphs"]:  # integers: exactly equal or wrong
+        report[ENTROPY_GRAPH] = _entropy_parity(info, Path(artifacts) / manifest["graphs"][ENTROPY_GRAPH]["file"],
+                                                sizes, seed)
     return report
+
+
+def _entropy_parity(info: ModelInfo, path: Path, sizes: dict, seed: int) -> dict:
+    """The ONNX integer network vs the numpy reference on a seeded grid with a random half masked."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    k = info.entropy_model.config.codebook_size
+    shape = (sizes["gh"][1], sizes["gw"][1])
+    ids = np.where(rng.random(shape) < 0.5, rng.integers(0, k, shape), k).astype(np.int64)
+    logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"ids": ids})[0]
+    return {"mismatch_fraction": float((logits != info.entropy_model.net.logits(ids)).mean())}
 
 
 def export_into_cache(model_dir, progress: bool) -> Path:

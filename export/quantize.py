@@ -19,7 +19,7 @@ import numpy as np
 
 from perco.engine import families
 from perco.engine.errors import PercoError
-from perco.engine.files import atomic_json, copy_folder, tokenizer_files
+from perco.engine.files import ENTROPY_FILES, atomic_json, copy_folder, tokenizer_files
 from perco.engine.manifest import MANIFEST, file_sha256, read_manifest, spec_from_artifacts
 from perco.engine.sampling import FlowSchedule
 from perco.engine.text import Retokenizer, caption_text
@@ -177,7 +177,7 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
     out.mkdir(parents=True, exist_ok=True)
     new = json.loads(json.dumps(manifest))
     report = {}
-    for name in families.manifest_contract(manifest):
+    for name in families.runtime_graphs(manifest):  # the entropy model's integer graph is copied as it is
         entry = manifest["graphs"][name]
         files = list(entry["sha256"])
         if name not in graphs:
@@ -203,6 +203,9 @@ def quantize(artifacts, out, precision: str = "int8", calibration=None, count: i
         log(f"    {name}: {report[name]['metric']} {report[name]['value']:.3e} vs fp32 (held-out inputs, ORT CPU)")
     copy_folder(artifacts / manifest["tokenizer"], out / manifest["tokenizer"],
                 names=tokenizer_files(artifacts / manifest["tokenizer"]))
+    if manifest.get("entropy_model"):
+        copy_folder(artifacts / manifest["entropy_model"], out / manifest["entropy_model"],
+                    names=ENTROPY_FILES, replace=True)
     new["quantization"] = {"precision": precision,
                            "method": f"QDQ, {method.name} calibration, per-channel symmetric weights, float biases; "
                                      "attention products and boundary layers kept in float",

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 
 from perco.engine.errors import BackendError
+from perco.engine.graphs import ENTROPY_CONTRACT, ENTROPY_GRAPH
 from perco.engine.model import ModelInfo
+from perco.export.entropy_model import EntropyGraph
 from perco.export.graphs import model_graphs
 
 
@@ -20,6 +22,12 @@ class TorchBackend:
         self.info = model
         self.contract = model.family.contract(bool(model.optional_text))
         self.graphs = model_graphs(model)
+        if model.entropy_model is not None:  # torch float64: the integers of the numpy reference, on any device
+            self.contract = {**self.contract, ENTROPY_GRAPH: ENTROPY_CONTRACT}
+            self.graphs[ENTROPY_GRAPH] = EntropyGraph(model.entropy_model)
+
+    def runs(self, graph: str) -> bool:
+        return graph in self.graphs
 
     @torch.inference_mode()
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -34,6 +34,11 @@ class Backend(Protocol):
         """Run one network of the contract on named float32/int64 arrays; return every output it declares."""
         raise NotImplementedError
 
+    def runs(self, graph: str) -> bool:
+        """Whether it has `graph`: the learned entropy model's network is optional (without it, the numpy
+        reference computes the same integers)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release what the backend holds (device memory, caches); idempotent."""
         raise NotImplementedError

@@ -30,7 +30,7 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.folder = Path(folder)
         self.manifest = manifest
-        self.graphs = families.manifest_contract(manifest)
+        self.graphs = families.runtime_graphs(manifest)
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
@@ -52,6 +52,9 @@ class OnnxRuntimeBackend:
             return self._ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+    def runs(self, graph: str) -> bool:
+        return graph in self._sessions
 
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if graph not in self.graphs:

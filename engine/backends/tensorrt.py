@@ -279,6 +279,10 @@ class TensorRTBackend:
 
     # --- running --------------------------------------------------------------------------
 
+    def runs(self, graph: str) -> bool:
+        """TensorRT builds the family's networks; the entropy model's integer network is left to numpy."""
+        return graph in self.graphs and graph in self.manifest["graphs"]
+
     def run(self, graph: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if graph not in self.engines:
             if graph not in self.graphs:
@@ -394,7 +398,8 @@ def spec_from_engines(folder) -> tuple:
 
     manifest = read_engines(folder)
     tokenizer = Path(folder) / manifest["tokenizer"] if manifest.get("tokenizer") else None
-    return ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer), manifest
+    entropy = Path(folder) / manifest["entropy_model"] if manifest.get("entropy_model") else None
+    return ModelSpec.from_dict(manifest["model"], tokenizer_dir=tokenizer, entropy_dir=entropy), manifest
 
 
 def profile_size(manifest: dict):

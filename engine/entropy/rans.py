@@ -5,6 +5,8 @@ given to `encode_symbols` (the encoder codes them in reverse, ANS being a stack)
 valid only if decoding exactly the expected number of symbols consumes it completely.
 """
 
+from typing import Optional
+
 import constriction
 import numpy as np
 
@@ -20,6 +22,13 @@ def _model(table: np.ndarray):
     return _Categorical((table - 1).astype(np.float64), perfect=False)
 
 
+_FAMILY = _Categorical(perfect=False)  # the same quantization, with a table per symbol
+
+
+def _floats(tables: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.atleast_2d(tables) - 1, dtype=np.float64)
+
+
 def encode_symbols(symbols: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Encode `symbols` (int array, each in [0, len(table))) -> uint32 words."""
     symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
@@ -31,20 +40,40 @@ def encode_symbols(symbols: np.ndarray, table: np.ndarray) -> np.ndarray:
     return coder.get_compressed().astype("<u4")
 
 
-class StreamDecoder:
-    """Pops symbols from one stream; `finish()` checks that the stream was consumed exactly."""
+def encode_symbol_tables(symbols: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """Encode `symbols` [N], symbol i with its own table `tables[i]` ([N, K]) -> uint32 words."""
+    symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
+    if tables.shape[0] != symbols.size:
+        raise ValueError(f"{symbols.size} symbols need as many tables, got {tables.shape[0]}")
+    if symbols.size and (symbols.min() < 0 or symbols.max() >= tables.shape[1]):
+        raise ValueError(f"symbol out of range [0, {tables.shape[1]})")
+    coder = _AnsCoder()
+    if symbols.size:
+        coder.encode_reverse(symbols, _FAMILY, _floats(tables))
+    return coder.get_compressed().astype("<u4")
 
-    def __init__(self, words: np.ndarray, table: np.ndarray, what: str):
+
+class StreamDecoder:
+    """Pops symbols from one stream (with one static `table`, or a table per symbol through `pop_tables`);
+    `finish()` checks that the stream was consumed exactly."""
+
+    def __init__(self, words: np.ndarray, table: Optional[np.ndarray], what: str):
         self._what = what
         self._table = table
         try:
             self._coder = _AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
         except ValueError as exc:  # e.g. a stream that ends in a zero word
             raise BitstreamError(f"corrupt {what} stream: {exc}") from None
-        self._model = _model(table)
+        self._model = _model(table) if table is not None else None
 
     def pop(self, count: int) -> np.ndarray:
         return self._coder.decode(self._model, count)
+
+    def pop_tables(self, tables: np.ndarray) -> np.ndarray:
+        """One symbol per row of `tables` [N, K]."""
+        if not tables.shape[0]:
+            return np.zeros(0, dtype=np.int64)
+        return self._coder.decode(_FAMILY, _floats(tables)).astype(np.int64)
 
     def finish(self) -> None:
         if not self._coder.is_empty():

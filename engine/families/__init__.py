@@ -116,6 +116,16 @@ def manifest_contract(manifest: dict) -> Dict[str, GraphContract]:
     return of_manifest(manifest).contract(bool((manifest.get("model") or {}).get("optional_text")))
 
 
+def runtime_graphs(manifest: dict) -> Dict[str, GraphContract]:
+    """What a backend of an export runs: `manifest_contract`, plus the entropy model's graph where it was exported."""
+    from perco.engine.graphs import ENTROPY_CONTRACT, ENTROPY_GRAPH
+
+    contract = manifest_contract(manifest)
+    if ENTROPY_GRAPH in (manifest.get("graphs") or {}):
+        contract = {**contract, ENTROPY_GRAPH: ENTROPY_CONTRACT}
+    return contract
+
+
 def for_pipeline(pipeline: Optional[str]) -> Family:
     """The family of a model_index.json `_class_name` (absent: PerCo (SD), as its first releases)."""
     _load_builtin()
