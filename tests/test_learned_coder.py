@@ -214,6 +214,9 @@ def test_wrong_or_missing_entropy_model_is_one_error(learned_model, plain_model,
     assert main(["compress", "-q", str(image), "-o", str(tmp_path / "x.perco"), "--model", str(learned_model),
                  "--send", "0.5"]) == 0
     capsys.readouterr()
+    assert main(["info", str(tmp_path / "x.perco"), "--model", str(learned_model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["index_coder"]["name"] == "learned" and 1 <= info["hybrid_groups_sent"] < info["index_coder"]["groups"]
     for model in (plain_model, _entropy_model(_copy(learned_model, tmp_path / "other"), seed=4)):
         assert main(["decompress", "-q", str(tmp_path / "x.perco"), "-o", str(tmp_path / "y.png"), "--model",
                      str(model), "--backend", "torch"]) == 1
@@ -268,3 +271,17 @@ def test_engines_and_exports_carry_the_entropy_model(codecs, learned_model, tmp_
 def _copy(folder: Path, target: Path) -> Path:
     shutil.copytree(folder, target)
     return target
+
+
+def test_percov2_codes_with_the_learned_model_too(tmp_path_factory):
+    folder = init_tiny(tmp_path_factory.mktemp("learned-v2") / "v2", "--family", "percov2", "--rate", "0.0078",
+                       "--tokenizer", str(CLIP_TOKENIZER))
+    _entropy_model(folder, seed=8, schedule="checkerboard")
+    torch_codec = Codec.from_pretrained(folder, backend="torch")
+    ort_codec = Codec.from_pretrained(folder, backend="onnxruntime")
+    assert torch_codec.model.index_coder == ort_codec.model.index_coder == "learned"
+    image = random_image(96, 128, seed=6)
+    data = torch_codec.compress(image, caption=CAPTION, send=1)  # checkerboard: 2 groups, 1 sent
+    assert ort_codec.compress(image, caption=CAPTION, send=1) == data and bitstream.parse(data)[0].groups == 1
+    np.testing.assert_array_equal(_indices(torch_codec, data), _indices(ort_codec, data))
+    assert ort_codec.decompress(data, steps=1).shape == (96, 128, 3)
