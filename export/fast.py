@@ -13,6 +13,7 @@ Settings (environment, since backends open from a model folder alone):
     PERCO_TORCH_DEVICE   cuda | cpu            default: cuda if available
     PERCO_TORCH_DTYPE    fp16 | bf16 | fp32    default: fp16 on CUDA, bf16 on the CPU
     PERCO_TORCH_GRAPHS   1 | 0                 CUDA graph of the denoiser step; default 1 on CUDA
+    PERCO_TORCH_CHANNELS_LAST  1 | 0           channels-last convolutions; default 1 on CUDA
     PERCO_TORCH_COMPILE  0 | default | max-autotune   torch.compile of the denoiser; default 0
 """
 
@@ -40,6 +41,7 @@ class FastSettings:
     dtype: str
     cuda_graphs: bool
     compile: str  # "0" (off), "default", "max-autotune", ...
+    channels_last: bool = False
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "FastSettings":
@@ -54,7 +56,8 @@ class FastSettings:
         graphs = environ.get("PERCO_TORCH_GRAPHS", "1" if device == "cuda" else "0") == "1"
         if graphs and device != "cuda":
             raise BackendError("PERCO_TORCH_GRAPHS=1 needs the cuda device (CUDA graphs)")
-        return cls(device, dtype, graphs, environ.get("PERCO_TORCH_COMPILE", "0"))
+        channels_last = environ.get("PERCO_TORCH_CHANNELS_LAST", "1" if device == "cuda" else "0") == "1"
+        return cls(device, dtype, graphs, environ.get("PERCO_TORCH_COMPILE", "0"), channels_last)
 
 
 class _CapturedStep:
@@ -102,7 +105,7 @@ class TorchFastBackend:
             if dtype != self._dtype:  # the VAE serves both directions: the encoder side gets its own FP32 copy
                 module = copy.deepcopy(module)
             module = module.to(device=s.device, dtype=dtype)
-            if name in CONV_GRAPHS:
+            if s.channels_last and name in CONV_GRAPHS:
                 module = module.to(memory_format=torch.channels_last)
             self.graphs[name] = module
         if model.entropy_model is not None:  # float64 integers: exact on any device
@@ -130,7 +133,7 @@ class TorchFastBackend:
             tensor = torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device, non_blocking=True)
             if kind == "float32" and name != "timestep":  # timesteps stay FP32, as diffusers' pipelines pass them
                 tensor = tensor.to(dtype)
-                if graph in CONV_GRAPHS and tensor.dim() == 4:
+                if self.settings.channels_last and graph in CONV_GRAPHS and tensor.dim() == 4:
                     tensor = tensor.contiguous(memory_format=torch.channels_last)
             args.append(tensor)
         outputs = self._calls[graph](*args)
