@@ -86,25 +86,62 @@ def _special_tokens(folder: Path) -> dict:
     return {k: (v["content"] if isinstance(v, dict) and "content" in v else v) for k, v in merged.items()}
 
 
-class CaptionTokenizer:
-    """Text -> content token ids, with the model's own CLIPTokenizer (encoder side only).
+# transformers' CLIP pre-tokenizer pattern (CLIPTokenizer of transformers 5, CLIPTokenizerFast of 4.x)
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    Needs `transformers` (the `export` extra); decoding never uses this class.
+
+class CaptionTokenizer:
+    """Text -> content token ids with the model's own CLIP BPE (encoder side only), without transformers.
+
+    Built with the `tokenizers` library from the folder's `vocab.json` and `merges.txt` (a released
+    SD 2.1 folder may have no tokenizer.json) exactly as transformers builds its CLIPTokenizer (5.x;
+    CLIPTokenizerFast in 4.x): NFC, whitespace runs to one space, lowercase; split by CLIP's pattern,
+    byte-level; BPE with "</w>" ending each word; the start and end tokens as special tokens. ftfy is
+    not used (transformers' tokenizers-backed CLIP does not use it either; the original OpenAI code
+    and transformers 4.x's slow tokenizer do, and differ on text ftfy would repair). The first
+    `max_length - 2` content ids are kept, as transformers' truncation keeps them.
+    tests/test_caption.py checks it against transformers on a corpus of thousands of captions.
     """
 
     def __init__(self, folder: Path, layout: TokenLayout):
         try:
-            from transformers import CLIPTokenizer
+            from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+            from tokenizers.models import BPE
         except ImportError:
-            raise PercoError(
-                "compressing a caption needs the transformers package: pip install 'perco-engine[export]'"
-            ) from None
-        self._tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+            raise PercoError("compressing a caption needs the tokenizers package: pip install tokenizers") from None
+        folder = Path(folder)
+        inverse, _ = _vocabulary(str(folder))
+        vocab = {token: i for i, token in inverse.items()}
+        try:
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ModelError(f"cannot read tokenizer merges {folder / 'merges.txt'}: {exc}") from None
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        if any(len(m) != 2 for m in merges):
+            raise ModelError(f"{folder / 'merges.txt'} is not a BPE merges file (a line is not two tokens)")
+        specials = _special_tokens(folder)
+        tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                  end_of_word_suffix="</w>", fuse_unk=False,
+                                  unk_token=str(specials.get("unk_token", "<|endoftext|>"))))
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        # transformers matches its special tokens in the raw text: SD 2.1's pad token "!" too
+        special = {inverse[layout.bos_id], inverse[layout.eos_id], inverse[layout.pad_id]}
+        special |= {specials[k] for k in ("unk_token", "pad_token") if isinstance(specials.get(k), str)}
+        tokenizer.add_special_tokens(sorted(t for t in special if t in vocab))
+        self._tokenizer = tokenizer
         self._layout = layout
 
     def __call__(self, text: str) -> np.ndarray:
-        ids = self._tokenizer(text, truncation=True, max_length=self._layout.max_length)["input_ids"]
-        return np.asarray(ids[1:-1], dtype=np.int64)  # strip start and end tokens
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids[: self._layout.max_content]
+        return np.asarray(ids, dtype=np.int64)
+
+    def batch(self, texts: list) -> list:
+        return [np.asarray(e.ids[: self._layout.max_content], dtype=np.int64)
+                for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
 def caption_text(content_ids, folder: Path) -> str:
