@@ -14,7 +14,7 @@ top two words and, per symbol, `q = head & 0xffffff`, `s` with `c[s] <= q < c[s+
 `head = f[s] * (head >> 24) + q - c[s]`, then refills one word from the top while `head < 2^32`.
 
 A PerCo image has hundreds to a few thousand symbols, so a Python loop is fast enough
-(benchmarks/entropy.py reports its symbols/s beside constriction's).
+(docs/jetson.md reports its symbols/s beside constriction's).
 """
 
 import numpy as np
