@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend whose decode limit to check (default: as for decompress)")
     p.add_argument("--max-pixels", type=_pixels, default=None, metavar="N|WxH", help="a decode limit to check instead")
 
+    p = sub.add_parser("import-legacy", help="convert a PerCo (SD) research-code file to a bitstream",
+                       description="Read a file written by the PerCo (SD) research code (a pickled dict: zlib caption, "
+                                   "torchac indices, image size) without running any pickle code, and write the same "
+                                   "caption and indices as a PerCo Engine bitstream. The file stores no rate: give the "
+                                   "model (and rate) that made it.")
+    p.add_argument("input", metavar="OLD", help="research file, or - for standard input")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="bitstream file to write, or - for "
+                                                                         "standard output")
+    p.add_argument("--model", metavar="DIR", default=None, help="the PerCo (SD) model folder of the file's rate")
+    p.add_argument("--artifacts", metavar="DIR", default=None, help="exported artifacts instead of a model folder")
+    _quiet_arg(p)
+
     p = sub.add_parser("demo", help="compress and decompress a sample image with the bundled tiny model",
                        description="Compress and decompress a generated sample image, write a side-by-side "
                                    "PNG and print the rate and stage timings. The bundled model has random "
@@ -307,6 +319,21 @@ def cmd_decompress(args) -> None:
     _say(args, "stage timings (decompress):\n" + codec.timings.table())
 
 
+def cmd_import_legacy(args) -> None:
+    from perco.engine.imageio import check_output, write_output
+    from perco.engine.legacy import import_legacy
+
+    check_output(args.output)
+    if not args.model and not args.artifacts:
+        raise PercoError("import-legacy needs --model DIR (or --artifacts DIR): the file does not say its rate")
+    old = _read_bitstream(args.input)
+    spec, _ = _spec_and_manifest(args.model, args.artifacts)
+    data = import_legacy(old, spec)
+    write_output(args.output, data)
+    _result(args, f"{args.output}: {len(data)} bytes (the research file: {len(old)} bytes, "
+                  f"{100 * (1 - len(data) / len(old)):.0f} % smaller)")
+
+
 def cmd_info(args) -> None:
     from perco.engine import bitstream
 
@@ -391,7 +418,8 @@ def cmd_demo(args) -> None:
         run_demo(args, codec)
 
 
-COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "demo": cmd_demo,
+            "import-legacy": cmd_import_legacy}
 
 
 def main(argv=None) -> int:
