@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="bitstream file to write, or - for "
                                                                          "standard output")
     _model_arg(p, required=False)
-    p.add_argument("--caption", default="", metavar="TEXT",
-                   help="caption describing the image (global semantics); default: empty")
+    p.add_argument("--caption", default=None, metavar="TEXT",
+                   help="caption describing the image (global semantics); overrides --captioner")
+    _captioner_args(p)
     p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
     p.add_argument("--steps-hint", type=_positive, default=None, metavar="N",
                    help="suggest a step count to the decoder (stored in the bitstream)")
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights: the pixels are meaningless. Use --model for a real checkpoint.")
     p.add_argument("--out", default="perco-demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--image", default=None, metavar="IMAGE", help="use this image instead of the sample")
+    _captioner_args(p)
     _model_arg(p, required=False)
     p.add_argument("--steps", type=_positive, default=None, metavar="N", help="denoising steps")
     _backend_arg(p)
@@ -128,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         if add_commands is not None:
             parser.handlers.update(add_commands(sub))
     return parser
+
+
+def _captioner_args(p):
+    p.add_argument("--captioner", default=None, metavar="NAME",
+                   help="caption the image with this captioner when no --caption is given (installed: blip2 with "
+                        "perco-engine[export]; docs/captioners.md)")
+    p.add_argument("--captioner-model", default=None, metavar="DIR",
+                   help="the captioner's weights folder (BLIP-2: a transformers Blip2ForConditionalGeneration "
+                        "folder such as blip2-opt-2.7b-coco; nothing is downloaded)")
 
 
 def _sampler_args(p):
@@ -292,13 +303,17 @@ def cmd_compress(args) -> None:
     bound = limit.max_encode_pixels or limit.max_pixels
     image = load_image(args.image, max_pixels=bound)
     limit.check_image(image.shape[1], image.shape[0], spec.pad_multiple, encode=True)
+    from perco.engine.captioners import caption_for
+
+    caption, captioning = caption_for(args, image)
     with _codec(args) as codec:
-        data = codec.compress(image, caption=args.caption, seed=args.seed, hints=Hints(steps=args.steps_hint),
+        data = codec.compress(image, caption=caption, seed=args.seed, hints=Hints(steps=args.steps_hint),
                               progress=not args.quiet, send=args.send)
     write_output(args.output, data)
     h, w = image.shape[:2]
     _result(args, f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
-    _say(args, "stage timings (compress):\n" + codec.timings.table())
+    timings = type(codec.timings)({"caption": captioning, **codec.timings} if captioning else codec.timings)
+    _say(args, "stage timings (compress):\n" + timings.table())
 
 
 def cmd_decompress(args) -> None:

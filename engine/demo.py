@@ -77,8 +77,11 @@ def run_demo(args, codec) -> None:
             "pass --model DIR with a real PerCo (SD) checkpoint for real reconstructions")
     say(f"{codec.model.describe()}, backend {codec.backend.name}")
 
-    data = codec.compress(image, caption=DEMO_CAPTION if not args.image else "", progress=not args.quiet)
-    compress_timings = codec.timings
+    from perco.engine.captioners import caption_for
+
+    caption, captioning = caption_for(args, image, default="" if args.image else DEMO_CAPTION)
+    data = codec.compress(image, caption=caption, progress=not args.quiet)
+    compress_timings = type(codec.timings)({"caption": captioning, **codec.timings} if captioning else codec.timings)
     write_output(out / "image.perco", data)
     decoded = codec.decompress(data, steps=args.steps, progress=not args.quiet)
     save_image(out / "original.png", image)
