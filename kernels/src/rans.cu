@@ -7,8 +7,6 @@
 #include <cub/block/block_scan.cuh>
 #include <cuda/functional>
 
-#include <vector>
-
 namespace {
 
 constexpr uint32_t kProbBits = PERCO_PROB_BITS;
@@ -20,9 +18,32 @@ constexpr uint32_t kLogitMaxSteps = (1u << 20) - 1;
 constexpr int kExpHiCapacity = 1280;           // the recurrence reaches 0 after 1145 steps
 constexpr int kThreads = 256;
 
-__constant__ uint64_t c_exp_hi[kExpHiCapacity];
-__constant__ uint64_t c_exp_lo[64];
-__constant__ uint32_t c_exp_hi_len;
+// 2^31 exp(-j/64) (hi, until it rounds to 0) and 2^31 exp(-k/4096) (lo, k < 64): the integer
+// recurrences of docs/entropy-coding.md, evaluated by the compiler. Initialized constant memory,
+// never written at run time (an upload per call raced with kernels of other streams reading it).
+struct ExpTables {
+  uint64_t hi[kExpHiCapacity];
+  uint64_t lo[64];
+  uint32_t hi_len;
+};
+
+constexpr ExpTables make_exp_tables() {
+  ExpTables t{};
+  t.lo[0] = kOne;
+  for (int i = 1; i < 64; ++i) t.lo[i] = (t.lo[i - 1] * kExpUnit) >> 31;
+  t.hi[0] = kOne;
+  uint32_t n = 1;
+  while (n < kExpHiCapacity && t.hi[n - 1] != 0) {
+    t.hi[n] = (t.hi[n - 1] * kExpStep) >> 31;
+    ++n;
+  }
+  t.hi_len = n;
+  return t;
+}
+constexpr ExpTables kExpTables = make_exp_tables();
+static_assert(kExpTables.hi_len == 1146 && kExpTables.hi[1145] == 0, "docs/entropy-coding.md: 1146 entries");
+
+__constant__ ExpTables c_exp = kExpTables;
 
 // --- one symbol's (cumulative, frequency) under a model ----------------------------------------
 
@@ -149,7 +170,7 @@ __device__ __forceinline__ uint64_t weight_from_logit(float x, float m) {
   else if (t < 0.0f) n = 0;
   else n = static_cast<uint32_t>(t);
   uint32_t hi = n >> 6;
-  return hi < c_exp_hi_len ? (c_exp_hi[hi] * c_exp_lo[n & 63]) >> 31 : 0;
+  return hi < c_exp.hi_len ? (c_exp.hi[hi] * c_exp.lo[n & 63]) >> 31 : 0;
 }
 
 __device__ __forceinline__ uint64_t weight_from_probability(float p, float s) {
@@ -221,22 +242,6 @@ __global__ void tables_kernel(const float* values, uint32_t k, int from_logits, 
   if (threadIdx.x == 0) c[k] = static_cast<uint32_t>(kProbTotal);
 }
 
-bool upload_exp_tables(cudaStream_t stream) {
-  static std::vector<uint64_t> hi, lo;
-  if (hi.empty()) {
-    lo.push_back(kOne);
-    for (int i = 1; i < 64; ++i) lo.push_back((lo.back() * kExpUnit) >> 31);
-    hi.push_back(kOne);
-    while (hi.back() != 0) hi.push_back((hi.back() * kExpStep) >> 31);
-  }
-  uint32_t len = static_cast<uint32_t>(hi.size());
-  return cudaMemcpyToSymbolAsync(c_exp_hi, hi.data(), len * sizeof(uint64_t), 0, cudaMemcpyHostToDevice, stream) ==
-             cudaSuccess &&
-         cudaMemcpyToSymbolAsync(c_exp_lo, lo.data(), 64 * sizeof(uint64_t), 0, cudaMemcpyHostToDevice, stream) ==
-             cudaSuccess &&
-         cudaMemcpyToSymbolAsync(c_exp_hi_len, &len, sizeof(len), 0, cudaMemcpyHostToDevice, stream) == cudaSuccess;
-}
-
 bool valid_model(const perco_model& m) {
   if (m.num_symbols < 2 || m.num_symbols > 65536) return false;
   return m.kind == PERCO_TABLE_UNIFORM || m.cdf != nullptr;
@@ -284,7 +289,6 @@ perco_result perco_tables_from_values(const float* values, uint32_t rows, uint32
                                       uint32_t* cdf, uint64_t* scratch, cudaStream_t stream) {
   if (num_symbols < 2 || num_symbols > 65536 || !values || !cdf || !scratch) return PERCO_ERR_INVALID_ARGUMENT;
   if (rows == 0) return PERCO_OK;
-  if (!upload_exp_tables(stream)) return PERCO_ERR_CUDA;
   tables_kernel<<<rows, kThreads, 0, stream>>>(values, num_symbols, from_logits, cdf, scratch);
   return cudaGetLastError() == cudaSuccess ? PERCO_OK : PERCO_ERR_CUDA;
 }
@@ -294,11 +298,38 @@ int perco_cuda_device_count(void) {
   return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
 }
 
+// What the host helpers can check before anything reaches the device: offsets that never
+// decrease (the buffers are sized by the last one), a table array covering every row the kernels
+// read, a table_index covering every stream and naming an existing row.
+static bool non_decreasing(const uint64_t* offsets, uint32_t num_streams) {
+  for (uint32_t i = 0; i < num_streams; ++i)
+    if (offsets[i] > offsets[i + 1]) return false;
+  return true;
+}
+
+static bool valid_host_model(const perco_model& m, size_t cdf_len, size_t table_index_len, uint32_t num_streams,
+                             uint64_t total_symbols) {
+  const uint64_t rows = cdf_len / (m.num_symbols + 1ull);
+  if (m.kind == PERCO_TABLE_PER_SYMBOL) return rows >= total_symbols;
+  if (m.kind == PERCO_TABLE_STATIC) {
+    if (rows == 0) return false;
+    if (m.table_index) {
+      if (table_index_len < num_streams) return false;
+      for (uint32_t i = 0; i < num_streams; ++i)
+        if (m.table_index[i] >= rows) return false;
+    }
+  }
+  return true;
+}
+
 static perco_result upload_model(perco_model host, size_t cdf_len, size_t table_index_len, DeviceBuffer& cdf,
                                  DeviceBuffer& index, perco_model* device, cudaStream_t stream) {
   *device = host;
   if (host.kind != PERCO_TABLE_UNIFORM) {
-    if (!copy_in(cdf, host.cdf, cdf_len * sizeof(uint32_t), stream)) return PERCO_ERR_CUDA;
+    // A per-symbol batch of no symbols has an empty table array: the kernels read no row, but the
+    // device model still needs a table pointer (valid_model), so it points at one unused word.
+    if (cdf_len == 0 ? !cdf.alloc(sizeof(uint32_t)) : !copy_in(cdf, host.cdf, cdf_len * sizeof(uint32_t), stream))
+      return PERCO_ERR_CUDA;
     device->cdf = static_cast<const uint32_t*>(cdf.ptr);
   }
   if (host.table_index) {
@@ -314,9 +345,15 @@ perco_result perco_rans_decode_host(perco_model model_host, size_t cdf_len, size
                                     int32_t* symbols_host, int32_t* status_host) {
   if (!valid_model(model_host)) return PERCO_ERR_INVALID_ARGUMENT;
   if (num_streams == 0) return PERCO_OK;
+  if (!word_offsets_host || !symbol_offsets_host || !status_host || !non_decreasing(word_offsets_host, num_streams) ||
+      !non_decreasing(symbol_offsets_host, num_streams))
+    return PERCO_ERR_INVALID_ARGUMENT;
+  const uint64_t total_words = word_offsets_host[num_streams], total_symbols = symbol_offsets_host[num_streams];
+  if ((total_words && !words_host) || (total_symbols && !symbols_host) ||
+      !valid_host_model(model_host, cdf_len, table_index_len, num_streams, total_symbols))
+    return PERCO_ERR_INVALID_ARGUMENT;
   cudaStream_t stream;
   if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return PERCO_ERR_CUDA;
-  const uint64_t total_words = word_offsets_host[num_streams], total_symbols = symbol_offsets_host[num_streams];
   perco_result result = PERCO_ERR_CUDA;
   {
     DeviceBuffer cdf, index, words, woff, soff, symbols, status;
@@ -346,9 +383,15 @@ perco_result perco_rans_encode_host(perco_model model_host, size_t cdf_len, size
                                     int32_t* status_host) {
   if (!valid_model(model_host)) return PERCO_ERR_INVALID_ARGUMENT;
   if (num_streams == 0) return PERCO_OK;
+  if (!symbol_offsets_host || !words_host || !word_counts_host || !status_host ||
+      !non_decreasing(symbol_offsets_host, num_streams))
+    return PERCO_ERR_INVALID_ARGUMENT;
+  const uint64_t total_symbols = symbol_offsets_host[num_streams];
+  if ((total_symbols && !symbols_host) ||
+      !valid_host_model(model_host, cdf_len, table_index_len, num_streams, total_symbols))
+    return PERCO_ERR_INVALID_ARGUMENT;
   cudaStream_t stream;
   if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return PERCO_ERR_CUDA;
-  const uint64_t total_symbols = symbol_offsets_host[num_streams];
   const uint64_t capacity = total_symbols + 2ull * num_streams;
   perco_result result = PERCO_ERR_CUDA;
   {

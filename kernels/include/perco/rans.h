@@ -85,7 +85,11 @@ perco_result perco_tables_from_values(const float* values, uint32_t rows, uint32
                                       uint32_t* cdf, uint64_t* scratch, cudaStream_t stream);
 
 /* --- host helpers for bindings without a CUDA array library (ctypes) -----------------------
- * Same contracts, host pointers; they allocate, copy, run on a private stream and synchronize. */
+ * Same contracts, host pointers; they allocate, copy, run on a private stream and synchronize.
+ * cdf_len / table_index_len are the element counts of model_host.cdf / .table_index. Checked on
+ * the host first (PERCO_ERR_INVALID_ARGUMENT): offsets never decrease; PER_SYMBOL: cdf_len >=
+ * S * (K+1) (S = 0 is valid: empty streams); STATIC: at least one row, and table_index, if given,
+ * has N entries naming existing rows. */
 int perco_cuda_device_count(void);
 perco_result perco_rans_decode_host(perco_model model_host, size_t cdf_len, size_t table_index_len,
                                     const uint32_t* words_host, const uint64_t* word_offsets_host,
