@@ -78,7 +78,7 @@ class AnsCoder:
         """As `decode`, from `cumulative` tables: `count` symbols of row 0, or (None) one per row."""
         per_symbol = count is None
         n = cdf.shape[0] if per_symbol else count
-        out = np.empty(n, dtype=np.int64)
+        out = np.empty(n, dtype=np.int32)  # as constriction returns them
         head, bulk = self._head, self._bulk
         for i in range(n):
             row = cdf[i] if per_symbol else cdf[0]
