@@ -1,4 +1,4 @@
-"""The `perco` verbs that need torch: init-tiny, export, check, build, quantize, bench.
+"""The `perco` verbs that need torch: init-tiny, export, check, build, quantize, bench, train-entropy.
 
 They are registered with the runtime's CLI through the `perco.commands` entry point
 (`perco.engine.plugins`), so `perco.engine` never imports this side. This module itself imports
@@ -11,6 +11,8 @@ import sys
 
 from perco.engine import families
 from perco.engine.cli import _model_arg, _positive, _uint64
+from perco.engine.entropy.intnet import PRESETS
+from perco.engine.entropy.schedules import SCHEDULES
 from perco.engine.errors import PercoError, UsageError
 from perco.engine.plugins import EXPORT_EXTRA
 
@@ -115,8 +117,44 @@ def add_commands(sub) -> dict:
     p.add_argument("--out", default="benchmarks/results/bench", metavar="PATH",
                    help="output path without suffix (default: %(default)s)")
 
+    p = sub.add_parser("train-entropy", help="train the learned entropy model of the token indices",
+                       description="Train a model's masked-token entropy model (an integer network, "
+                                   "docs/entropy-model-arithmetic.md) on the index maps of images through the "
+                                   "model's own hyper-encoder: the float network first, then quantization-aware "
+                                   "fine-tuning; write it to DIR/entropy_model/ and print the bits per token of the "
+                                   "held-out images (uniform, static unigram, float, integer). Checkpoints go to "
+                                   "DIR/entropy_model.train/checkpoint.pt.")
+    _model_arg(p)
+    p.add_argument("--images", required=True, metavar="DIR|GLOB",
+                   help="training images: a folder (PNG, JPEG, WebP, BMP, TIFF, PPM) or a quoted glob pattern")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="network size: tiny (16 channels, 9x9 context), small (64, 17x17), base (128, 33x33) "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", type=_positive, default=2000, metavar="N",
+                   help="total training steps, the last quarter quantization-aware (default: %(default)s)")
+    p.add_argument("--batch", type=_positive, default=16, metavar="N",
+                   help="index maps per step (default: %(default)s)")
+    p.add_argument("--crop", type=_positive, default=256, metavar="PX",
+                   help="side of the random training crops in pixels, a multiple of the model's pad multiple, "
+                        "clamped to each image (default: %(default)s)")
+    p.add_argument("--crops", type=_positive, default=32, metavar="N",
+                   help="random crops (each flipped with probability 1/2) per training image (default: %(default)s)")
+    p.add_argument("--schedule", default="coarse-to-fine", choices=sorted(SCHEDULES),
+                   help="group order of the coder (default: %(default)s)")
+    p.add_argument("--held-out", type=_count, default=1, metavar="N",
+                   help="images (the last N by name) kept out of training and measured whole; 0: measure the "
+                        "training images (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=1e-2, metavar="LR",
+                   help="peak Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="crop and initialisation seed (default: 0)")
+    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="torch threads while training (default: torch's; the tiny preset is as fast on 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint (its data seed) up to --steps in total")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")
+
     handlers = {"init-tiny": cmd_init_tiny, "export": cmd_export, "check": cmd_check, "build": cmd_build,
-                "quantize": cmd_quantize, "bench": cmd_bench}
+                "quantize": cmd_quantize, "bench": cmd_bench, "train-entropy": cmd_train_entropy}
     return {verb: _needs_extra(verb, handler) for verb, handler in handlers.items()}
 
 
@@ -139,6 +177,26 @@ def _range(text: str) -> tuple:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX, got {text!r}")
     return values
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _size(text):
@@ -236,3 +294,21 @@ def cmd_check(args) -> None:
               f"{value:.3e}  {'ok' if ok else 'FAIL'}")
     if failed:
         raise PercoError(f"parity check failed for: {', '.join(failed)}")
+
+
+def cmd_train_entropy(args) -> None:
+    from perco.export.entropy_train import train_entropy
+
+    log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    r = train_entropy(args.model, args.images, preset=args.preset, steps=args.steps, batch=args.batch,
+                      crop=args.crop, crops_per_image=args.crops, lr=args.lr, schedule=args.schedule, seed=args.seed,
+                      resume=args.resume, held_out=args.held_out, threads=args.threads, progress=not args.quiet,
+                      log=log)
+    bits = r["bits_per_token"]
+    print(f"entropy model ({r['preset']}, {r['schedule']}, K {r['codebook_size']}) trained {r['steps']} steps on "
+          f"{r['images']} image(s) in {r['train_seconds']:.1f} s; {r['evaluated_on']}, {r['evaluation_tokens']} "
+          f"tokens:")
+    for name in ("uniform", "unigram", "float", "integer", "rounded_without_qat"):
+        print(f"  {name:20s} {bits[name]:8.4f} bits/token ({bits[name] / bits['uniform']:6.1%} of uniform)")
+    print(f"  integer vs float: {r['integer_vs_float_gap']:+.2%}")
+    print(f"wrote {r['entropy_model']}")
