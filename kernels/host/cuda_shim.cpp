@@ -374,6 +374,8 @@ cudaError_t copy_to_symbol(void* symbol, size_t symbol_bytes, const char* api, c
 using perco_shim::fail;
 
 int perco_shim_is_host_emulation() { return 1; }
+// The same for ctypes callers of libperco_kernels_host.so (the binding labels its timings as an emulation's).
+extern "C" int perco_kernels_host_emulation(void) { return 1; }
 
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return fail(cudaErrorInvalidValue, "cudaGetDeviceCount: null pointer");
