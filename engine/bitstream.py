@@ -31,7 +31,7 @@ import numpy as np
 
 from perco.engine.entropy import caption_table
 from perco.engine.entropy.rans import StreamDecoder, encode_symbols
-from perco.engine.errors import BitstreamError
+from perco.engine.errors import BitstreamError, ModelMismatchError
 from perco.engine.text import TokenLayout
 
 VERSION = 1
@@ -320,10 +320,10 @@ def unpack(data: bytes, spec: StreamSpec, backend=None) -> tuple:
     """bytes -> (Header, caption content ids, indices [rows, cols]). Any defect -> BitstreamError."""
     header, caption_words, index_words, _ = parse(data)
     if header.family != spec.family:
-        raise BitstreamError(f"this is a {header.family} bitstream, but the model is {spec.family}: decode it "
+        raise ModelMismatchError(f"this is a {header.family} bitstream, but the model is {spec.family}: decode it "
                              f"with a {header.family} model")
     if header.fingerprint != spec.fingerprint[:FINGERPRINT_BYTES]:
-        raise BitstreamError(
+        raise ModelMismatchError(
             f"bitstream was made for model {header.fingerprint.hex()}, but this model is "
             f"{spec.fingerprint[:FINGERPRINT_BYTES].hex()}: decode it with the model (and rate) that encoded it"
         )

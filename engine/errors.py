@@ -22,6 +22,10 @@ class BitstreamError(PercoError):
     """The bytes are not a valid bitstream for this model (corrupt, truncated, foreign)."""
 
 
+class ModelMismatchError(BitstreamError):
+    """A valid bitstream made for another model (family, fingerprint or rate): a server answers 409, not 400."""
+
+
 class ModelError(PercoError):
     """The model folder is missing, incomplete, or does not match what is expected."""
 
