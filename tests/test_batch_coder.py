@@ -501,3 +501,41 @@ def test_entropy_benchmark_smoke(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "decode Msym/s" in (tmp_path / "e.md").read_text()
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_learned_decode_host_kernels_match_cpu(host_kernels, monkeypatch, tmp_path, groups):
+    """The learned index coder's decode loop on the kernels library (resumable decode, tables_from_steps
+    and the hybrid draw as kernels; here the host build) gives the CPU coder's indices, and a damaged
+    stream the same error."""
+    from perco.engine.entropy.intnet import IntNetConfig, random_weights
+    from perco.engine.entropy.learned import LearnedIndexCoder, load_entropy_model, save_entropy_model
+
+    config = IntNetConfig.preset("tiny", 64, schedule="coarse-to-fine")
+    coder = LearnedIndexCoder(load_entropy_model(save_entropy_model(tmp_path, config, random_weights(config, 5))))
+    grid = np.random.default_rng(2).integers(0, 64, size=(12, 10))
+    words = coder.encode(grid, groups=groups)
+    damaged = words.copy()
+    damaged[len(damaged) // 2] ^= 0x5A5A5A5A
+
+    def decode_both(data):
+        results = []
+        for lib in (os.environ["PERCO_KERNELS_LIB"], None):
+            if lib is None:
+                monkeypatch.delenv("PERCO_KERNELS_LIB")
+            try:
+                results.append(coder.decode(data, grid.shape, groups=groups, seed=7))
+            except BitstreamError as exc:
+                results.append(str(exc))
+        monkeypatch.setenv("PERCO_KERNELS_LIB", os.environ.get("PERCO_KERNELS_HOST_LIB"))
+        return results
+
+    on_lib, on_cpu = decode_both(words)
+    np.testing.assert_array_equal(on_lib, on_cpu)
+    if groups is None:
+        np.testing.assert_array_equal(on_lib, grid)
+    damaged_lib, damaged_cpu = decode_both(damaged)
+    if isinstance(damaged_cpu, str):
+        assert damaged_lib == damaged_cpu
+    else:
+        np.testing.assert_array_equal(damaged_lib, damaged_cpu)

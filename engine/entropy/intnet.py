@@ -19,7 +19,7 @@ arithmetic is exact; the requantization runs in int64.
 
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -201,13 +201,17 @@ class IntNet:
                                  np.broadcast_to(multiplier, (c,))[:, None], np.broadcast_to(shift, (c,))[:, None]))
         self._head = self.weights["head.weight"].reshape(config.codebook_size, c).T.astype(np.float64)  # [C, K]
         self._head_bias = self.weights["head.bias"].astype(np.int64)
+        self._digest: Optional[str] = None
 
     def validate(self) -> None:
         """Raise ValueError unless the weights still match the config (see `validate_weights`)."""
         validate_weights(self.config, self.weights)
 
     def weights_digest(self) -> str:
-        return weights_digest(self.config, self.weights)
+        """`weights_digest` of the weights as built (computed once: the layers are fixed at construction)."""
+        if self._digest is None:
+            self._digest = weights_digest(self.config, self.weights)
+        return self._digest
 
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)

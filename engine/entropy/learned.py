@@ -25,7 +25,8 @@ from typing import Optional
 import numpy as np
 
 from perco.engine.entropy.intnet import IntNet, IntNetConfig
-from perco.engine.entropy.rans import StreamDecoder, encode_symbol_tables
+from perco.engine.entropy.batch import StepsStreamDecoder
+from perco.engine.entropy.rans import encode_symbol_tables
 from perco.engine.entropy.schedules import group_positions, make_schedule
 from perco.engine.entropy.tables import PROB_BITS, tables_from_steps
 from perco.engine.errors import BitstreamError, ModelError
@@ -190,9 +191,12 @@ class LearnedIndexCoder:
                                  f"(possible: 1..{len(order) - 1})")
         grid = np.zeros(shape, dtype=np.int64)
         flat = grid.reshape(-1)
-        decoder = StreamDecoder(words, None, "index")
+        # the kernels library's resumable decoder where one is loaded (the coder state and the tables stay on
+        # the device, tables_from_steps and the hybrid draw run there), else the CPU coder: the same symbols
+        decoder = StepsStreamDecoder(words, self.codebook_size, what="index")
         for g, positions in enumerate(order):
-            tables = self._tables(grid, schedule, g, positions, backend)
-            flat[positions] = decoder.pop_tables(tables) if g < sent else sample_tables(tables, seed, g)
+            ids = np.where(schedule < g, grid, self.net.config.mask)
+            steps = self._steps(ids, positions, backend)
+            flat[positions] = decoder.pop_steps(steps) if g < sent else decoder.sample_steps(steps, seed, g)
         decoder.finish()
         return grid
