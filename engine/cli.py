@@ -7,9 +7,11 @@ leaves no partial file and destroys nothing); "-" is standard input or output.
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from perco.engine import plugins
 from perco.engine.errors import PercoError, UsageError
@@ -167,14 +169,43 @@ def _version() -> str:
     return f"perco-engine {release} (bitstream v{VERSION})"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def integer_type(minimum: int, maximum: Optional[int] = None, expected: Optional[str] = None):
+    """An argparse `type`: an integer in minimum..maximum, else one line saying what was `expected`."""
+    expected = expected or (f"an integer in {minimum}..{maximum}" if maximum is not None else
+                            "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def number_type(minimum: float, maximum: float = math.inf, open_low: bool = False, expected: Optional[str] = None):
+    """An argparse `type`: a finite number in minimum..maximum (minimum excluded with `open_low`)."""
+    expected = expected or ("a positive number" if open_low and minimum == 0 and maximum == math.inf else
+                            f"a number in {minimum:g}..{maximum:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = value > minimum if open_low else value >= minimum
+        if not (math.isfinite(value) and low_ok and value <= maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive = integer_type(1)
+_uint64 = integer_type(0, (1 << 64) - 1, "an integer in 0..2^64-1")
 
 
 def _send(text: str):
@@ -205,16 +236,6 @@ def _pixels(text: str) -> int:
         return parse_max_pixels(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _uint64(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 1 << 64:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..2^64-1, got {text!r}")
-    return value
 
 
 def _say(args, text: str) -> None:

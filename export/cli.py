@@ -10,11 +10,14 @@ import argparse
 import sys
 
 from perco.engine import families
-from perco.engine.cli import _model_arg, _positive, _uint64
+from perco.engine.cli import _model_arg, _positive, _uint64, integer_type, number_type
 from perco.engine.entropy.intnet import PRESETS
 from perco.engine.entropy.schedules import SCHEDULES
 from perco.engine.errors import PercoError, UsageError
 from perco.engine.plugins import EXPORT_EXTRA
+
+_count = integer_type(0)
+_positive_float = number_type(0, open_low=True)
 
 
 def add_commands(sub) -> dict:
@@ -177,26 +180,6 @@ def _range(text: str) -> tuple:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX, got {text!r}")
     return values
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _size(text):
