@@ -144,6 +144,17 @@ class TorchFastBackend:
             result[name] = value.contiguous().cpu().numpy()
         return result
 
+    @torch.inference_mode()
+    def entropy_steps_on_device(self, ids: np.ndarray, positions: np.ndarray):
+        """The learned coder's group steps [n_g, K] int64 where they are made: a contiguous CUDA tensor on a GPU
+        (the kernels library reads it in place: tables, decode and the next group's input never leave the
+        device, only the indices come back), numpy on the CPU. The same integers as `run` gives."""
+        graph = self._calls[ENTROPY_GRAPH]
+        _, steps = graph(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device))
+        rows = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(self.device)
+        steps = steps.reshape(steps.shape[0], -1).index_select(1, rows).t().contiguous()
+        return steps if steps.is_cuda else steps.numpy()
+
     def close(self) -> None:
         self.graphs, self._calls = {}, {}
         if self.device == "cuda":

@@ -539,3 +539,37 @@ def test_learned_decode_host_kernels_match_cpu(host_kernels, monkeypatch, tmp_pa
         assert damaged_lib == damaged_cpu
     else:
         np.testing.assert_array_equal(damaged_lib, damaged_cpu)
+
+
+def test_learned_decode_with_cuda_steps(tmp_path, monkeypatch):
+    """On a GPU with the kernels library (benchmarks/gpu_check.py runs this file there): the torch-fast backend
+    makes each group's steps on the device and the library decodes them in place; only the indices reach the
+    host. The indices equal the reference coder's. The CPU run of the same branch: tests/test_learned_coder.py::
+    test_device_steps_path_gives_the_same_indices."""
+    torch = pytest.importorskip("torch", reason="the torch-fast backend needs torch (the export extra)")
+    if not torch.cuda.is_available() or BatchCoder().device != "cuda" or BatchCoder().emulated:
+        pytest.skip("needs a CUDA GPU, torch with CUDA and PERCO_KERNELS_LIB pointing at the built libperco_kernels.so")
+    from conftest import init_tiny, random_image
+    from perco.engine import Codec, bitstream
+    from perco.engine.entropy.intnet import IntNetConfig, random_weights
+    from perco.engine.entropy.learned import save_entropy_model
+    from perco.engine.model import ModelInfo
+
+    model = init_tiny(tmp_path / "model")
+    config = IntNetConfig.preset("tiny", ModelInfo(model).rate.codebook_size)
+    save_entropy_model(model / "entropy_model", config, random_weights(config, 3))
+    reference = Codec.from_pretrained(model, backend="torch")
+    monkeypatch.setenv("PERCO_TORCH_DEVICE", "cuda")
+    fast = Codec.from_pretrained(model, backend="torch-fast")
+    handed = []
+    original = type(fast.backend).entropy_steps_on_device
+    monkeypatch.setattr(type(fast.backend), "entropy_steps_on_device",
+                        lambda self, ids, positions: handed.append(original(self, ids, positions)) or handed[-1])
+    image = random_image(128, 192, seed=4)
+    for send in (None, 0.5):
+        data = reference.compress(image, caption="a boat", seed=1, send=send)
+        expected = bitstream.unpack(data, reference.model.stream_spec, reference.backend)[2]
+        handed.clear()
+        got = bitstream.unpack(data, fast.model.stream_spec, fast.backend)[2]
+        np.testing.assert_array_equal(got, expected)
+        assert handed and all(steps.is_cuda for steps in handed)

@@ -285,3 +285,35 @@ def test_percov2_codes_with_the_learned_model_too(tmp_path_factory):
     assert ort_codec.compress(image, caption=CAPTION, send=1) == data and bitstream.parse(data)[0].groups == 1
     np.testing.assert_array_equal(_indices(torch_codec, data), _indices(ort_codec, data))
     assert ort_codec.decompress(data, steps=1).shape == (96, 128, 3)
+
+
+def test_device_steps_path_gives_the_same_indices(codecs, learned_model, monkeypatch):
+    """The decode loop's device branch (`entropy_steps_on_device`: the torch-fast backend hands the group's steps
+    to the decoder where they were made; on a GPU they never reach the host), taken here with CPU tensors and a
+    decoder told it takes device steps: the same indices as the host path, full and hybrid. The CUDA run of this
+    branch is tests/test_batch_coder.py::test_learned_decode_with_cuda_steps (a GPU with the kernels library)."""
+    from perco.engine.entropy import learned
+
+    fast = Codec.from_pretrained(learned_model, backend="torch-fast")
+    torch_codec = codecs["torch"]
+    image = random_image(96, 128, seed=3)
+
+    class DeviceStepsDecoder(learned.StepsStreamDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.takes_device_steps = True
+
+    calls = []
+    original = type(fast.backend).entropy_steps_on_device
+    monkeypatch.setattr(type(fast.backend), "entropy_steps_on_device",
+                        lambda self, ids, positions: calls.append(len(positions)) or original(self, ids, positions))
+    host_decoder = learned.StepsStreamDecoder
+    for send in (None, 0.5):
+        data = torch_codec.compress(image, caption=CAPTION, seed=2, send=send)
+        host = _indices(fast, data)
+        assert not calls  # no kernels library here: the host path
+        monkeypatch.setattr(learned, "StepsStreamDecoder", DeviceStepsDecoder)
+        np.testing.assert_array_equal(_indices(fast, data), host)
+        monkeypatch.setattr(learned, "StepsStreamDecoder", host_decoder)
+        assert len(calls) == fast.model.stream_spec.coder().num_groups(host.shape)  # every group, on the device
+        calls.clear()

@@ -552,6 +552,8 @@ class StepsStreamDecoder:
         self.num_symbols, self._what = num_symbols, what
         self._coder = coder if coder is not None else BatchCoder()
         self._decoder = self._coder.resumable([parts], splits=len(parts), stream=stream)
+        # whether pop_steps / sample_steps take device steps (__cuda_array_interface__): a real GPU library
+        self.takes_device_steps = self._coder.device == "cuda" and not self._coder.emulated
 
     def pop_steps(self, steps) -> np.ndarray:
         return self._decoder.pop_steps(steps)

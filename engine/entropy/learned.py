@@ -147,6 +147,14 @@ class LearnedIndexCoder:
             return self._backend_steps(backend, ids).reshape(self.codebook_size, -1)[:, positions].T
         return self.net.steps(ids, positions)
 
+    def _decode_steps(self, ids: np.ndarray, positions: np.ndarray, backend, on_device: bool):
+        """The group's steps for the decoder: on the device, never copied to the host, where the decoder takes
+        device steps and the backend can hand them over (`entropy_steps_on_device`), else `_steps`."""
+        if on_device and backend is not None and backend.runs(GRAPH) and hasattr(backend, "entropy_steps_on_device"):
+            self._check(backend)
+            return backend.entropy_steps_on_device(np.ascontiguousarray(ids, dtype=np.int64), positions)
+        return self._steps(ids, positions, backend)
+
     def _backend_steps(self, backend, ids: np.ndarray) -> np.ndarray:
         return backend.run(GRAPH, {"ids": np.ascontiguousarray(ids, dtype=np.int64)})["steps"]
 
@@ -196,7 +204,7 @@ class LearnedIndexCoder:
         decoder = StepsStreamDecoder(words, self.codebook_size, what="index")
         for g, positions in enumerate(order):
             ids = np.where(schedule < g, grid, self.net.config.mask)
-            steps = self._steps(ids, positions, backend)
+            steps = self._decode_steps(ids, positions, backend, decoder.takes_device_steps)
             flat[positions] = decoder.pop_steps(steps) if g < sent else decoder.sample_steps(steps, seed, g)
         decoder.finish()
         return grid
