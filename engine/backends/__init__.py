@@ -43,6 +43,10 @@ class Backend(Protocol):
         """Release what the backend holds (device memory, caches); idempotent."""
         raise NotImplementedError
 
+    # Optional, the one capability found by hasattr: `entropy_steps_on_device(ids, positions)` -> the learned
+    # coder's group steps [n_g, K] int64 as a CUDA array (__cuda_array_interface__) where the entropy graph runs
+    # on a GPU (torch-fast), for the kernels library to decode in place (docs/entropy-coding.md).
+
 
 def available() -> list:
     return sorted(set(_BUILTIN) | set(plugins.names(GROUP)))
