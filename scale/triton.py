@@ -485,9 +485,9 @@ def _readme(record: dict, placed: str) -> str:
     return "\n".join(lines)
 
 
-def write_repo(engines, out, force: bool = False, instances: int = 1, log=print) -> dict:
+def write_repo(engines, out, force: bool = False, instances: int = 1, log=print, warn=None) -> dict:
     """Write the repository for the engines folder `engines` at `out` (built beside it, checked, then renamed
-    into place); returns its perco_repo.json record."""
+    into place); returns its perco_repo.json record. `log` gets the summary, `warn` (default: stderr) caveats."""
     from perco.engine import families
     from perco.engine.backends.tensorrt import ENGINES_MANIFEST, read_engines
     from perco.engine.files import ENTROPY_FILES, atomic_json, copy_folder, tokenizer_files
@@ -557,9 +557,14 @@ def write_repo(engines, out, force: bool = False, instances: int = 1, log=print)
         f"engines and their profiles (I/O from {_sources(models)})")
     log(f"  {NOT_RUN}")
     if manifest.get("flavor") == "tensorrt-rtx":
-        print("warning: these are TensorRT-RTX engines; Triton's TensorRT backend loads full-TensorRT engines: build "
-              "with 'perco build --flavor tensorrt' on the serving GPU for a repository it can load", file=sys.stderr)
+        (warn or _stderr)("warning: these are TensorRT-RTX engines; Triton's TensorRT backend loads full-TensorRT "
+                          "engines: build with 'perco build --flavor tensorrt' on the serving GPU for a repository it "
+                          "can load")
     return record
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def _sources(models: dict) -> str:
@@ -656,4 +661,5 @@ def _triton_repo(args) -> None:
         return
     if not args.engines or not args.output:
         raise UsageError("perco triton-repo needs --engines DIR and -o REPO (or --check REPO)")
-    write_repo(args.engines, args.output, force=args.force, instances=args.instances, log=say)
+    write_repo(args.engines, args.output, force=args.force, instances=args.instances, log=say,
+               warn=(lambda text: None) if args.quiet else _stderr)
