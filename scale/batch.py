@@ -1,0 +1,733 @@
+"""`perco batch compress|decompress`: many images or bitstreams through a pool of Ray actors (Ray Data).
+
+The driver lists the inputs (a folder, a glob or a list file), reads only their headers (an image's
+size, a bitstream's header), skips the outputs a previous run already wrote and that are valid, and
+cuts the rest into batches of one image size. Ray Data feeds those batches to a pool of actors, each
+holding one `Codec` (one actor per GPU where the cluster has GPUs, CPU actors otherwise): an actor
+reads its inputs, decodes a batch with `Codec.decompress_batch` (or compresses image by image) and
+writes every output atomically. A failed item is recorded (path + one-line reason) in a JSON report
+and never stops the job. Inputs, outputs and the model folder are paths that the driver and every
+node see alike (one machine, or shared storage); docs/batch.md.
+
+    perco batch compress photos/ -o coded/ --captions captions.json
+    perco batch decompress coded/ -o decoded/ --address auto --batch-size 8
+
+Ray is imported inside the functions only, so `perco --help` stays fast without the scale extra.
+"""
+
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+from perco.engine.errors import ExtensionError, OutputError, PercoError, UsageError
+
+SCALE_EXTRA = "pip install 'perco-engine[scale]'"
+VERBS = ("compress", "decompress")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
+BITSTREAM_SUFFIX = ".perco"
+OUTPUT_SUFFIX = {"compress": ".perco", "decompress": ".png"}
+REPORT_NAME = "report.json"
+DECODE_OPTIONS = ("steps", "guidance", "sampler", "guidance_stop")  # Codec.decompress_batch keywords
+LOCAL_OBJECT_STORE = 200 << 20  # bytes, for a cluster this module starts: rows carry paths, not pixels
+MAX_BLOCKS = 4096  # Ray Data blocks of the batch list: one per batch up to this, so every actor gets work
+TASKS_PER_ACTOR = 2  # batches queued on an actor: enough to hide dispatch, few enough to balance the tail
+
+
+# --- Ray ------------------------------------------------------------------------------------------------------
+
+
+def _require_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the data extra: ray[data]
+    except ImportError:
+        raise ExtensionError(f"perco batch needs the scale extra: {SCALE_EXTRA}") from None
+    return ray
+
+
+def check_address(address):
+    """None -> "local" (a new cluster on this machine); "local", "auto", "ray://HOST:PORT" or "HOST:PORT" as given."""
+    if address is None or address == "local":
+        return "local"
+    if address == "auto":
+        return address
+    text = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        raise UsageError(f"bad Ray address {address!r}: use local, auto, ray://HOST:PORT (the client port, 10001 by "
+                         "default) or HOST:PORT (the head's GCS port, 6379 by default)")
+    return address
+
+
+@contextmanager
+def ray_session(address=None):
+    """Initialize Ray for the block (unless it already is) and shut it down on exit only if this started it.
+
+    address: None or "local" starts a cluster on this machine (no dashboard, a small object store);
+    "auto" joins the cluster `ray start` made on this machine; "ray://HOST:PORT" connects as a Ray client;
+    "HOST:PORT" joins a head's GCS. Ray's own log lines stay in its session folder (log_to_driver=False).
+    """
+    ray = _require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    address = check_address(address)
+    options = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address == "local":
+        options.update(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE)
+    saved = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    if saved is None:  # the C++ core's notices (one per actor) would reach the terminal; a user's value wins
+        os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    try:
+        with _stderr_to_devnull(saved is None):  # the core's one line saying it read that variable
+            ray.init(address=address, **options)
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError...: one line
+        where = "start a local Ray cluster" if address == "local" else f"connect to the Ray cluster at {address}"
+        raise PercoError(f"cannot {where}: {_one_line(exc)}") from None
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _stderr_to_devnull(enabled: bool):
+    """File descriptor 2 to /dev/null for the block (what Ray's C++ core prints there; Python errors still raise)."""
+    try:
+        fd = sys.stderr.fileno() if enabled else None
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stderr (pytest's capture, a notebook)
+        fd = None
+    if fd != 2:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextmanager
+def _quiet_ray_data(ray):
+    """No Ray Data progress bars and console notices while a job runs (its log file keeps them all)."""
+    context = ray.data.DataContext.get_current()
+    saved = context.enable_progress_bars
+    context.enable_progress_bars = False
+    handlers = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.FileHandler)
+                and "File" not in type(h).__name__]
+    levels = [h.level for h in handlers]
+    for handler in handlers:
+        handler.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = saved
+        for handler, level in zip(handlers, levels):
+            handler.setLevel(level)
+
+
+def actor_layout(ray, actors=None) -> tuple:
+    """(actors, CPUs each, GPUs each): one actor per GPU where the cluster has GPUs, else one per node, each with
+    that node's CPUs; `actors` overrides the count (sharing GPUs or CPUs, fractionally, when over them)."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        count = actors or gpus
+        return count, 1.0, min(1.0, gpus / count)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    cpus = resources.get("CPU", 1.0)
+    count = actors or max(1, len(nodes))
+    smallest = min((n["Resources"]["CPU"] for n in nodes), default=cpus)
+    return count, min(smallest, max(cpus / count, 0.01)), 0.0
+
+
+# --- inputs and plan ------------------------------------------------------------------------------------------
+
+
+def resolve_inputs(verb: str, inputs) -> list:
+    """The input files of a job: a list of paths as given, or a folder (its images, or its .perco files, sorted),
+    a glob (the files it matches, sorted), a list file (one path per line, relative to its folder; blank lines and
+    lines starting with # skipped) or a single image / bitstream."""
+    suffixes = IMAGE_SUFFIXES if verb == "compress" else (BITSTREAM_SUFFIX,)
+    kind = "images" if verb == "compress" else f"{BITSTREAM_SUFFIX} bitstreams"
+    if isinstance(inputs, (list, tuple)):
+        paths, where = [Path(p) for p in inputs], "the input list"
+    else:
+        text = os.fspath(inputs)
+        path, where = Path(text), text
+        if path.is_dir():
+            paths = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+            where = f"folder {text}"
+        elif path.is_file() and path.suffix.lower() in suffixes:
+            paths = [path]
+        elif path.is_file():
+            paths = _read_list(path)
+            where = f"list file {text}"
+        elif any(c in text for c in "*?["):
+            paths = sorted(Path(p) for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+            where = f"glob {text}"
+        else:
+            raise PercoError(f"input {text} does not exist (give a folder, a glob or a list file)")
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        raise PercoError(f"no inputs: {where} holds no {kind}")
+    return unique
+
+
+def _read_list(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PercoError(f"list file {path} is not UTF-8 text (one input path per line)") from None
+    except OSError as exc:
+        raise PercoError(f"cannot read list file {path}: {exc.strerror or exc}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [path.parent / line for line in lines if line and not line.startswith("#")]
+
+
+def _outputs(verb: str, paths: list, output: Path) -> list:
+    """OUTPUT/<stem>.perco or .png per input; two inputs with one output name are an error before any work."""
+    targets, seen = [], {}
+    for path in paths:
+        target = output / (path.stem + OUTPUT_SUFFIX[verb])
+        if target in seen:
+            raise PercoError(f"inputs {seen[target]} and {path} would both write {target}: rename one, or run them "
+                             "as two jobs")
+        seen[target] = path
+        targets.append(target)
+    return targets
+
+
+def _caption_map(captions, paths: list) -> list:
+    """One caption (or None: the captioner's, else empty) per input from a str or {file name or path: caption}."""
+    if captions is None or isinstance(captions, str):
+        return [captions] * len(paths)
+    if not isinstance(captions, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in captions.items()):
+        raise UsageError("captions must be one caption (a string) or {input file name: caption} strings")
+    return [captions.get(p.name, captions.get(str(p))) for p in paths]
+
+
+def read_captions(path) -> dict:
+    """A --captions file: a JSON object {input file name: caption}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise PercoError(f"captions file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PercoError(f"cannot read captions file {path}: {_one_line(exc)} (expected a JSON object "
+                         "{\"image.png\": \"a caption\", ...})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise PercoError(f"captions file {path} must hold one JSON object of {{input file name: caption}} strings")
+    return value
+
+
+def _valid_bitstream(path: Path, spec, size: tuple, seed: int) -> bool:
+    """An existing .perco a previous run wrote for this input: it parses (CRC included), is for this model and has
+    the image's size (either orientation: EXIF rotation is applied after the header is read) and seed."""
+    from perco.engine import bitstream
+
+    try:
+        header = bitstream.parse(path.read_bytes())[0]
+    except (OSError, PercoError):
+        return False
+    return (header.family == spec.family and header.fingerprint == spec.fingerprint[: bitstream.FINGERPRINT_BYTES]
+            and (header.width, header.height) in (size, size[::-1]) and header.seed == seed)
+
+
+def _valid_png(path: Path, size: tuple) -> bool:
+    """An existing PNG of the size in the bitstream header whose chunks are complete (a half file fails verify())."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG" or img.size != tuple(size):
+                return False
+            img.verify()
+    except Exception:  # noqa: BLE001 - any defect means: decode it again
+        return False
+    return True
+
+
+def _model_mismatch(header, spec):
+    from perco.engine import bitstream
+
+    if header.family != spec.family:
+        return f"a {header.family} bitstream, but the model is {spec.family}: decode it with a {header.family} model"
+    ours = spec.fingerprint[: bitstream.FINGERPRINT_BYTES]
+    if header.fingerprint != ours:
+        return (f"made for model {header.fingerprint.hex()}, but this model is {ours.hex()}: decode it with the "
+                "model (and rate) that encoded it")
+    return None
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """The temporary files atomic_write leaves behind when a process is killed mid-write (never a finished file)."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
+def plan(verb: str, paths: list, targets: list, spec, seed: int = 0, captions=None) -> tuple:
+    """(items to run, skipped entries, failed entries) from headers only. An item is
+    {"input", "output", "size": [w, h], "caption"}; a bad input fails here, before any actor starts."""
+    from perco.engine.cli import _read_bitstream
+    from perco.engine import bitstream
+    from perco.engine.imageio import read_image_size
+
+    todo, skipped, failed = [], [], []
+    for path, target, caption in zip(paths, targets, _caption_map(captions, paths)):
+        entry = {"input": str(path), "output": str(target)}
+        try:
+            if verb == "compress":
+                size = read_image_size(path)
+                valid = target.is_file() and _valid_bitstream(target, spec, size, seed)
+            else:
+                header = bitstream.parse(_read_bitstream(path))[0]
+                mismatch = _model_mismatch(header, spec)
+                if mismatch:
+                    raise PercoError(f"bitstream {path} was {mismatch}")
+                size = (header.width, header.height)
+                valid = target.is_file() and _valid_png(target, size)
+        except PercoError as exc:
+            failed.append({"input": str(path), "error": _one_line(exc)})
+            continue
+        if valid:
+            skipped.append({**entry, "bytes": target.stat().st_size})
+            continue
+        _remove_stale_temporaries(target)
+        todo.append({**entry, "size": list(size), "caption": caption})
+    return todo, skipped, failed
+
+
+def batches(items: list, batch_size: int) -> list:
+    """Items cut into batches of one image size and at most `batch_size`, the largest images first (they take the
+    longest: starting them first balances the actors' tails)."""
+    by_size = {}
+    for item in sorted(items, key=lambda i: i["input"]):
+        by_size.setdefault(tuple(item["size"]), []).append(item)
+    out = []
+    for size in sorted(by_size, key=lambda s: (-s[0] * s[1], s)):
+        group = by_size[size]
+        out.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    return out
+
+
+# --- the actor ------------------------------------------------------------------------------------------------
+
+
+class BatchWorker:
+    """A Ray Data actor: one Codec (and captioner, at first use) for the whole job; one batch of one size per call.
+
+    Called with {"batch": [json of a list of items]}; returns {"result": [json of a list of entries]}, an entry
+    being {"input", "output", "bytes", "batch"} or {"input", "error"} (one line).
+    """
+
+    def __init__(self, config: dict):
+        from perco.engine.codec import Codec
+
+        self.config = config
+        threads = config.get("threads")
+        self.codec = Codec.from_pretrained(config["model"], backend=config["backend"], artifacts=config["artifacts"],
+                                           max_pixels=config.get("max_pixels"))
+        if threads and "torch" in sys.modules:  # Ray sets OMP_NUM_THREADS; torch's intra-op pool is set here
+            sys.modules["torch"].set_num_threads(threads)
+        self._captioner = None
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        out = []
+        for text in batch["batch"]:
+            items = json.loads(text)
+            run = self._compress if self.config["verb"] == "compress" else self._decompress
+            out.append(json.dumps(run(items)))
+        return {"result": np.array(out, dtype=object)}
+
+    def _compress(self, items: list) -> list:
+        from perco.engine.imageio import load_image, write_output
+
+        limit = self.codec.limit
+        bound = limit.max_encode_pixels or limit.max_pixels
+        images, results = {}, {}
+        for i, item in enumerate(items):
+            try:
+                images[i] = load_image(item["input"], max_pixels=bound)
+            except Exception as exc:  # noqa: BLE001 - recorded, the job goes on
+                results[i] = _failure(item, exc)
+        self._caption(items, images, results)
+        for i, image in images.items():
+            if i in results:
+                continue
+            item = items[i]
+            try:
+                data = self.codec.compress(image, caption=item["caption"] or "", seed=self.config["seed"])
+                write_output(item["output"], data)
+                results[i] = {"input": item["input"], "output": item["output"], "bytes": len(data), "batch": 1}
+            except Exception as exc:  # noqa: BLE001
+                results[i] = _failure(item, exc)
+        return [results[i] for i in range(len(items))]
+
+    def _caption(self, items: list, images: dict, results: dict) -> None:
+        """Caption (in one captioner call) the loaded images that have no caption, when a captioner is set."""
+        name = self.config.get("captioner")
+        wanted = [i for i in images if items[i]["caption"] is None]
+        if not name or not wanted:
+            return
+        try:
+            if self._captioner is None:
+                from perco.engine.captioners import open_captioner
+
+                self._captioner = open_captioner(name, self.config.get("captioner_model"))
+            captions = self._captioner([images[i] for i in wanted])
+        except Exception as exc:  # noqa: BLE001 - every image of the batch fails with the reason
+            for i in wanted:
+                results[i] = _failure(items[i], exc)
+            return
+        for i, caption in zip(wanted, captions):
+            items[i]["caption"] = caption
+
+    def _decompress(self, items: list) -> list:
+        datas, results = {}, {}
+        for i, item in enumerate(items):
+            try:
+                with open(item["input"], "rb") as f:
+                    datas[i] = f.read()
+            except OSError as exc:
+                results[i] = _failure(item, PercoError(f"cannot read bitstream {item['input']}: {exc.strerror}"))
+        order = sorted(datas)
+        try:
+            images = dict(zip(order, self.codec.decompress_batch([datas[i] for i in order],
+                                                                 **self.config["decode_options"])))
+        except Exception:  # noqa: BLE001 - one bad bitstream fails the batch: decode one by one to find it
+            if len(order) == 1:
+                images = {}
+                results[order[0]] = _failure(items[order[0]], sys.exc_info()[1])
+            else:
+                images = self._one_by_one(items, datas, order, results)
+        batch = len(images) if len(images) == len(order) else 1
+        for i, image in images.items():
+            results[i] = self._save(items[i], image, batch)
+        return [results[i] for i in range(len(items))]
+
+    def _one_by_one(self, items, datas, order, results) -> dict:
+        images = {}
+        for i in order:
+            try:
+                images[i] = self.codec.decompress(datas[i], **self.config["decode_options"])
+            except Exception as exc:  # noqa: BLE001
+                results[i] = _failure(items[i], exc)
+        return images
+
+    @staticmethod
+    def _save(item: dict, image, batch: int) -> dict:
+        from perco.engine.imageio import save_image
+
+        try:
+            save_image(item["output"], image, "PNG")
+        except Exception as exc:  # noqa: BLE001
+            return _failure(item, exc)
+        return {"input": item["input"], "output": item["output"], "bytes": os.path.getsize(item["output"]),
+                "batch": batch}
+
+
+def _failure(item: dict, exc: BaseException) -> dict:
+    reason = _one_line(exc) if isinstance(exc, PercoError) else f"internal error ({type(exc).__name__}: " \
+                                                                 f"{_one_line(exc)})"
+    return {"input": item["input"], "error": reason}
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _job_error(exc: BaseException) -> PercoError:
+    """A failure of the job itself (an actor that cannot start, a lost cluster) as one line: the PercoError
+    inside Ray's wrapping where there is one (a model that does not load), else the last line Ray gives."""
+    seen, current = set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, PercoError):
+            return PercoError(f"the batch job stopped: {_one_line(current)}")
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return PercoError(f"the batch job stopped: {lines[-1] if lines else type(exc).__name__}")
+
+
+# --- the job --------------------------------------------------------------------------------------------------
+
+
+def _check_options(verb, batch_size, actors, decode_options, captioner, captioner_model) -> dict:
+    if verb not in VERBS:
+        raise UsageError(f"unknown batch verb {verb!r}: choose compress or decompress")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
+        raise UsageError(f"actors must be a positive integer, got {actors!r}")
+    options = {k: v for k, v in (decode_options or {}).items() if v is not None}
+    unknown = sorted(set(options) - set(DECODE_OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown decode option(s) {', '.join(unknown)}: use {', '.join(DECODE_OPTIONS)}")
+    if "guidance" in options:
+        from perco.engine.codec import check_guidance
+
+        check_guidance(options["guidance"])
+    if "sampler" in options:
+        from perco.engine.sampling import SAMPLERS
+
+        if options["sampler"] not in SAMPLERS:
+            raise UsageError(f"unknown sampler {options['sampler']!r}; choose one of: {', '.join(SAMPLERS)}")
+    for key in ("steps", "guidance_stop"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (key == "steps")):
+            raise UsageError(f"{key} must be a{' positive' if key == 'steps' else ' non-negative'} integer, got "
+                             f"{value!r}")
+    if captioner is not None:
+        from perco.engine.captioners import available
+
+        if captioner not in available():
+            raise PercoError(f"unknown captioner {captioner!r} (installed: {', '.join(available()) or 'none'})")
+        if captioner_model is None:
+            raise PercoError(f"--captioner {captioner} needs --captioner-model DIR (its weights; nothing is "
+                             "downloaded)")
+    return options
+
+
+def _output_folder(output) -> Path:
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output {folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, address=None, actors=None,
+            batch_size=8, captions=None, seed=0, decode_options=None, progress=False, report=None,
+            max_pixels=None, captioner=None, captioner_model=None) -> dict:
+    """Run `perco batch compress|decompress` and return its report (also written to `report`, default
+    OUTPUT/report.json).
+
+    inputs: a folder, a glob or a list file (str or Path), or a list of paths; output: a folder (made if missing),
+    receiving <stem>.perco (compress) or <stem>.png (decompress). captions (compress): one caption for all, or
+    {input file name: caption}; images without one are captioned by `captioner` (loaded from `captioner_model` in
+    each actor) if given, else get the empty caption. decode_options: decompress_batch keywords (steps, guidance,
+    sampler, guidance_stop). Outputs already present and valid are skipped, so a rerun resumes an interrupted job.
+
+    The report: {"verb", "done": [{"input", "output", "bytes", "batch"}], "skipped": [{"input", "output",
+    "bytes"}], "failed": [{"input", "error"}], "seconds", "items_per_second" (done / seconds), "actors", ...}.
+    Job-level problems (no inputs, a bad address, a missing model, an output name clash) raise PercoError before
+    any work; a failed item never stops the job.
+    """
+    from perco.engine.backends import available
+    from perco.engine.cli import _backend_name, _spec_and_manifest
+    from perco.engine.errors import BackendError
+
+    start = time.perf_counter()
+    _require_ray()
+    options = _check_options(verb, batch_size, actors, decode_options, captioner, captioner_model)
+    if not 0 <= seed < 1 << 64:
+        raise UsageError(f"seed must be in 0..2^64-1, got {seed}")
+    address = check_address(address)
+    paths = resolve_inputs(verb, inputs)
+    backend_name = _backend_name(SimpleNamespace(backend=backend, artifacts=artifacts))
+    if backend_name not in available():
+        raise BackendError(f"unknown backend {backend_name!r}; choose one of: {', '.join(available())}")
+    if model is None and artifacts is None:
+        from perco.engine.demo import default_model
+
+        model = default_model(progress=progress)
+    spec, _ = _spec_and_manifest(model, artifacts)  # a missing or broken model folder fails here
+    targets = _outputs(verb, paths, Path(output))  # a name clash fails before the folder is made
+    folder = _output_folder(output)
+    report_path = Path(report) if report is not None else folder / REPORT_NAME
+    todo, skipped, failed = plan(verb, paths, targets, spec, seed, captions if verb == "compress" else None)
+    warnings = _warnings(verb, todo, captioner)
+    if progress:
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
+    result = {"verb": verb, "model": str(model) if model is not None else None, "artifacts": artifacts,
+              "backend": backend_name, "batch_size": batch_size, "done": [], "skipped": skipped, "failed": failed,
+              "warnings": warnings, "actors": 0, "nodes": 0, "sizes": _sizes(todo, batch_size)}
+    chunks = batches(todo, batch_size)
+    if chunks:
+        config = {"verb": verb, "model": str(model) if model is not None else None, "artifacts": artifacts,
+                  "backend": backend_name, "max_pixels": max_pixels, "seed": seed, "decode_options": options,
+                  "captioner": captioner, "captioner_model": captioner_model}
+        with ray_session(address) as ray:
+            result.update(_execute(ray, chunks, config, actors, progress, result))
+    result["seconds"] = seconds = time.perf_counter() - start
+    result["items_per_second"] = len(result["done"]) / seconds if seconds > 0 else 0.0
+    result["failed"].sort(key=lambda e: e["input"])
+    _write_report(report_path, result)
+    result["report"] = str(report_path)
+    return result
+
+
+def _execute(ray, chunks: list, config: dict, actors, progress: bool, result: dict) -> dict:
+    """Run the batches on an actor pool; fills result["done"] / ["failed"] as batches finish."""
+    count, cpus, gpus = actor_layout(ray, actors)
+    config = {**config, "threads": max(1, int(cpus))}
+    total = sum(len(c) for c in chunks)
+    from perco.engine.codec import _progress
+
+    bar = _progress(None, progress, desc=f"batch {config['verb']}", unit="image", total=total)
+    try:
+        with _quiet_ray_data(ray):
+            ds = ray.data.from_items([{"batch": json.dumps(c)} for c in chunks],
+                                     override_num_blocks=min(len(chunks), MAX_BLOCKS))
+            ds = ds.map_batches(BatchWorker, batch_size=1, batch_format="numpy",
+                                fn_constructor_kwargs={"config": config},
+                                compute=ray.data.ActorPoolStrategy(size=count,
+                                                                   max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
+                                num_cpus=cpus, num_gpus=gpus or None)
+            try:
+                for row in ds.iter_rows():
+                    entries = json.loads(row["result"])
+                    for entry in entries:
+                        (result["failed"] if "error" in entry else result["done"]).append(entry)
+                    bar.update(len(entries))
+            except PercoError:
+                raise
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray's wrapping of an actor or cluster failure: one line
+                raise _job_error(exc) from None
+    finally:
+        bar.close()
+    result["done"].sort(key=lambda e: e["input"])
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return {"actors": count, "cpus_per_actor": cpus, "gpus_per_actor": gpus, "nodes": nodes}
+
+
+def _sizes(todo: list, batch_size: int) -> dict:
+    counts = {}
+    for item in todo:
+        key = "{}x{}".format(*item["size"])
+        counts[key] = counts.get(key, 0) + 1
+    return {k: {"items": n, "batches": -(-n // batch_size)} for k, n in sorted(counts.items())}
+
+
+def _warnings(verb: str, todo: list, captioner) -> list:
+    if verb != "compress" or captioner:
+        return []
+    empty = sum(1 for item in todo if not item["caption"])
+    if not empty:
+        return []
+    return [f"{empty} of {len(todo)} images have no caption (no --caption, --captions entry or --captioner): the "
+            "decoder has no global context for them"]
+
+
+def _write_report(path: Path, result: dict) -> None:
+    from perco.engine.files import atomic_json
+
+    try:
+        atomic_json(path, result)
+    except OSError as exc:
+        raise OutputError(f"cannot write the report {path}: {exc.strerror or exc}") from None
+
+
+def summary(result: dict) -> str:
+    """The one-line summary the CLI prints: counts, time, throughput, actors."""
+    return (f"batch {result['verb']}: {len(result['done'])} done, {len(result['skipped'])} skipped, "
+            f"{len(result['failed'])} failed in {result['seconds']:.1f} s ({result['items_per_second']:.2f} images/s"
+            f" on {result['actors']} actor{'s' if result['actors'] != 1 else ''}); report: {result['report']}")
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+def add_commands(sub) -> dict:
+    """`perco batch compress|decompress`; returns {verb: handler}."""
+    from perco.engine import cli
+
+    p = sub.add_parser("batch", help="compress or decompress many files on a Ray cluster",
+                       description="Compress a folder of images, or decompress a folder of bitstreams, on a pool of "
+                                   "Ray actors (one per GPU, or CPU actors). Valid outputs of an earlier run are "
+                                   "skipped; failed inputs are listed in a JSON report (exit code 1). docs/batch.md")
+    verbs = p.add_subparsers(dest="batch_verb", metavar="VERB", parser_class=type(p), required=True)
+
+    c = verbs.add_parser("compress", help="images -> bitstreams (OUTPUT/<stem>.perco)",
+                         description="Compress every image of INPUT to OUTPUT/<stem>.perco.")
+    _io_args(c, "a folder of images, a glob ('photos/*.jpg') or a list file (one image path per line)")
+    cli._model_arg(c, required=False)
+    captions = c.add_mutually_exclusive_group()
+    captions.add_argument("--caption", default=None, metavar="TEXT", help="one caption for every image")
+    captions.add_argument("--captions", default=None, metavar="FILE",
+                          help="a JSON object {image file name: caption}; images it does not name go to "
+                               "--captioner, else get the empty caption")
+    cli._captioner_args(c)
+    c.add_argument("--seed", type=cli._uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
+    _job_args(c, cli)
+
+    d = verbs.add_parser("decompress", help="bitstreams -> images (OUTPUT/<stem>.png)",
+                         description="Decode every bitstream of INPUT to OUTPUT/<stem>.png, bitstreams of one image "
+                                     "size together (Codec.decompress_batch).")
+    _io_args(d, "a folder of .perco files, a glob ('coded/*.perco') or a list file (one path per line)")
+    cli._model_arg(d, required=False)
+    d.add_argument("--steps", type=cli._positive, default=None, metavar="N",
+                   help="denoising steps (default: the bitstream's hint, else the model's)")
+    d.add_argument("--guidance", type=cli._guidance, default=None, metavar="G",
+                   help="classifier-free guidance scale, 0..50 (default: the bitstream's hint, else 3.0)")
+    cli._sampler_args(d)
+    _job_args(d, cli)
+    return {"batch": cmd_batch}
+
+
+def _io_args(p, what: str) -> None:
+    p.add_argument("input", metavar="INPUT", help=what)
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output folder (made if missing)")
+
+
+def _job_args(p, cli) -> None:
+    cli._backend_arg(p)
+    p.add_argument("--address", default=None, metavar="ray://HOST:PORT|auto|local",
+                   help="Ray cluster: ray://HOST:10001 (Ray client), auto (the cluster 'ray start' made here), "
+                        "HOST:6379, or local (default: a new cluster on this machine)")
+    p.add_argument("--actors", type=cli._positive, default=None, metavar="N",
+                   help="actors (default: one per GPU, else one per node with the node's CPUs)")
+    p.add_argument("--batch-size", type=cli._positive, default=8, metavar="N",
+                   help="images of one size per actor call (default: %(default)s)")
+    p.add_argument("--report", default=None, metavar="FILE", help=f"JSON report (default: OUTPUT/{REPORT_NAME})")
+    cli._quiet_arg(p)
+
+
+def cmd_batch(args) -> None:
+    verb = args.batch_verb
+    captions = decode = None
+    if verb == "compress":
+        captions = read_captions(args.captions) if args.captions else args.caption
+    else:
+        decode = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
+                  "guidance_stop": args.guidance_stop}
+    result = run_job(verb, args.input, args.output, model=args.model, backend=args.backend, artifacts=args.artifacts,
+                     address=args.address, actors=args.actors, batch_size=args.batch_size, captions=captions,
+                     seed=getattr(args, "seed", 0), decode_options=decode, progress=not args.quiet,
+                     report=args.report, max_pixels=args.max_pixels, captioner=getattr(args, "captioner", None),
+                     captioner_model=getattr(args, "captioner_model", None))
+    if not args.quiet:
+        print(summary(result), file=sys.stderr)
+    failed = result["failed"]
+    if failed:
+        total = len(failed) + len(result["done"]) + len(result["skipped"])
+        raise PercoError(f"{len(failed)} of {total} inputs failed (first: {failed[0]['input']}: {failed[0]['error']});"
+                         f" all in {result['report']}")

@@ -1,0 +1,263 @@
+"""`perco batch` on a real local Ray cluster (started once for the module, 2 CPUs): Ray Data actor pools holding a
+Codec each, same-size batching, per-item failures in the report, resume, and the CLI's one-line errors.
+
+Each batch output is compared with the same call made in this process (Codec.compress: the same bytes;
+Codec.decompress_batch on the same group in the same order: the same pixels, within the one level that another
+thread count may move a rounding).
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from perco.engine import Codec, bitstream
+from perco.engine.cli import main
+from perco.engine.errors import ExtensionError, PercoError, UsageError
+from perco.engine.imageio import load_image
+from perco.engine.model import ModelInfo
+
+from conftest import random_image
+
+ray = pytest.importorskip("ray")
+batch = pytest.importorskip("perco.scale.batch")
+
+SEED = 3
+STEPS = 2
+SIZES = {"a": (64, 64), "b": (64, 64), "c": (64, 64), "d": (64, 96)}  # name -> (height, width)
+CAPTIONS = {"a.png": "a red barn on a green hill", "d.png": "a river in a forest"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 << 20, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_codec(tiny_model):
+    return Codec.from_pretrained(tiny_model, backend="torch")
+
+
+def _forge(data: bytes) -> bytes:
+    """A bitstream with its index stream garbled and a fresh CRC: it parses (so the driver passes it on), then
+    fails in the actor's entropy decoding, which makes its batch fall back to one-by-one decoding."""
+    sections = bitstream.parse(data)[3]
+    body = bytearray(data[: -bitstream.CRC_BYTES])
+    for k in range(sections.header + sections.caption, len(body)):
+        body[k] ^= 0xFF
+    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+
+@pytest.fixture(scope="module")
+def compressed(cluster, tiny_model, tmp_path_factory):
+    """(report, images folder, output folder): a batch compress of four images and one corrupt .png, 2 actors."""
+    root = tmp_path_factory.mktemp("batch-compress")
+    images = root / "images"
+    images.mkdir()
+    for i, (name, (h, w)) in enumerate(SIZES.items()):
+        Image.fromarray(random_image(h, w, seed=i)).save(images / f"{name}.png")
+    (images / "broken.png").write_bytes(b"this is not a PNG file")
+    (images / "notes.txt").write_text("not an input: a folder contributes its images only")
+    report = batch.run_job("compress", images, root / "coded", model=tiny_model, actors=2, captions=CAPTIONS,
+                           seed=SEED)
+    return report, images, root / "coded"
+
+
+@pytest.fixture(scope="module")
+def decompressed(cluster, tiny_model, other_seed_model, compressed, tmp_path_factory):
+    """(report, input folder, output folder): the coded files plus a forged one (same size as d, so d's batch
+    falls back), a truncated one and one from another model; batch size 4, the default actor layout."""
+    _, _, coded = compressed
+    root = tmp_path_factory.mktemp("batch-decompress")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    for name in SIZES:
+        shutil.copy(coded / f"{name}.perco", inputs)
+    data = (coded / "d.perco").read_bytes()
+    (inputs / "e_forged.perco").write_bytes(_forge(data))
+    (inputs / "f_truncated.perco").write_bytes(data[:-3])
+    with Codec.from_pretrained(other_seed_model, backend="torch") as other:
+        (inputs / "g_other.perco").write_bytes(other.compress(random_image(64, 64), seed=SEED))
+    report = batch.run_job("decompress", inputs, root / "decoded", model=tiny_model, batch_size=4,
+                           decode_options={"steps": STEPS})
+    return report, inputs, root / "decoded"
+
+
+def _by_name(entries) -> dict:
+    return {Path(e["input"]).stem: e for e in entries}
+
+
+def test_compress_codes_every_image_and_reports_the_corrupt_one(compressed, local_codec):
+    report, images, coded = compressed
+    assert [Path(e["input"]).name for e in report["failed"]] == ["broken.png"]
+    reason = report["failed"][0]["error"]
+    assert "not a recognised image format" in reason and "\n" not in reason
+    done = _by_name(report["done"])
+    assert sorted(done) == sorted(SIZES) and report["skipped"] == [] and report["actors"] == 2
+    for name in SIZES:
+        expected = local_codec.compress(load_image(images / f"{name}.png"), caption=CAPTIONS.get(f"{name}.png", ""),
+                                        seed=SEED)
+        assert (coded / f"{name}.perco").read_bytes() == expected, name
+        assert done[name]["bytes"] == len(expected) and done[name]["output"] == str(coded / f"{name}.perco")
+    assert report["sizes"] == {"64x64": {"items": 3, "batches": 1}, "96x64": {"items": 1, "batches": 1}}
+    assert report["warnings"] and "2 of 4 images have no caption" in report["warnings"][0]
+    on_disk = json.loads((coded / "report.json").read_text())
+    assert on_disk["done"] == report["done"] and on_disk["failed"] == report["failed"]
+    assert report["items_per_second"] == pytest.approx(len(report["done"]) / report["seconds"])
+    assert not list(coded.glob(".*.tmp"))
+
+
+def test_decompress_batches_one_size_and_matches_decompress_batch(decompressed, local_codec):
+    report, inputs, decoded = decompressed
+    failed = _by_name(report["failed"])
+    assert sorted(failed) == ["e_forged", "f_truncated", "g_other"]
+    assert "corrupt index stream" in failed["e_forged"]["error"]
+    assert "CRC-32" in failed["f_truncated"]["error"]
+    assert "made for model" in failed["g_other"]["error"]
+    done = _by_name(report["done"])
+    assert sorted(done) == sorted(SIZES)
+    # a, b, c (64x64) were decoded as one batch; d's batch (with the forged file) fell back to one by one
+    assert [done[n]["batch"] for n in "abcd"] == [3, 3, 3, 1]
+    assert report["sizes"] == {"64x64": {"items": 3, "batches": 1}, "96x64": {"items": 2, "batches": 1}}
+    together = local_codec.decompress_batch([(inputs / f"{n}.perco").read_bytes() for n in "abc"], steps=STEPS)
+    alone = local_codec.decompress((inputs / "d.perco").read_bytes(), steps=STEPS)
+    for name, expected in zip("abcd", [*together, alone]):
+        with Image.open(decoded / f"{name}.png") as img:
+            assert img.format == "PNG"
+            got = np.asarray(img.convert("RGB"))
+        assert got.shape == expected.shape == (*SIZES[name], 3), name
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, name
+        assert done[name]["bytes"] == (decoded / f"{name}.png").stat().st_size
+    assert not (decoded / "e_forged.png").exists() and not (decoded / "f_truncated.png").exists()
+
+
+def test_rerun_skips_valid_outputs_and_redoes_broken_ones(decompressed, tiny_model, capsys):
+    report, inputs, decoded = decompressed
+    first = {n: np.asarray(Image.open(decoded / f"{n}.png")) for n in "abc"}
+    d_stat = (decoded / "d.png").stat()
+    a = (decoded / "a.png").read_bytes()
+    (decoded / "a.png").write_bytes(a[: len(a) // 2])  # a half file, as a non-atomic writer leaves it
+    (decoded / "b.png").unlink()
+    Image.fromarray(random_image(8, 8)).save(decoded / "c.png")  # a readable PNG of the wrong size
+    stale = decoded / ".a.png.x1y2z3.tmp"  # what a killed atomic_write leaves
+    stale.write_bytes(b"partial")
+    code = main(["batch", "decompress", str(inputs), "-o", str(decoded), "--model", str(tiny_model), "--steps",
+                 str(STEPS), "--batch-size", "4", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1  # the three bad inputs fail again
+    assert len(err) == 1 and err[0].startswith("error: 3 of 7 inputs failed") and "report.json" in err[0]
+    rerun = json.loads((decoded / "report.json").read_text())
+    assert [Path(e["input"]).stem for e in rerun["skipped"]] == ["d"]
+    assert sorted(_by_name(rerun["done"])) == ["a", "b", "c"]
+    assert [e["batch"] for e in rerun["done"]] == [3, 3, 3]
+    assert (decoded / "d.png").stat().st_mtime_ns == d_stat.st_mtime_ns
+    for name, expected in first.items():  # the same batch again: the same pixels
+        assert np.array_equal(np.asarray(Image.open(decoded / f"{name}.png")), expected), name
+    assert not stale.exists()
+
+
+def test_plan_skips_only_valid_bitstreams(compressed, tiny_model, other_seed_model, tmp_path):
+    _, images, coded = compressed
+    out = tmp_path / "coded"
+    shutil.copytree(coded, out)
+    data = (out / "a.perco").read_bytes()
+    (out / "a.perco").write_bytes(data[:-5])  # truncated
+    (out / "b.perco").write_bytes(b"")  # empty
+    shutil.copy(out / "d.perco", out / "c.perco")  # valid, but of another image size
+    paths = batch.resolve_inputs("compress", images)
+    targets = batch._outputs("compress", paths, out)
+    spec = ModelInfo.open(tiny_model).spec
+    todo, skipped, failed = batch.plan("compress", paths, targets, spec, seed=SEED)
+    assert [Path(i["input"]).stem for i in todo] == ["a", "b", "c"]
+    assert [Path(e["input"]).stem for e in skipped] == ["d"] and [Path(e["input"]).stem for e in failed] == ["broken"]
+    todo, skipped, _ = batch.plan("compress", paths, targets, spec, seed=SEED + 1)  # another seed: redo all
+    assert len(todo) == 4 and skipped == []
+    other = ModelInfo.open(other_seed_model).spec
+    todo, skipped, _ = batch.plan("compress", paths, targets, other, seed=SEED)  # another model: redo all
+    assert len(todo) == 4 and skipped == []
+
+
+def test_batches_hold_one_size_largest_first():
+    items = [{"input": f"{i}.png", "size": size} for i, size in
+             enumerate([[64, 64], [96, 64], [64, 64], [64, 64], [96, 64], [64, 64], [32, 32]])]
+    chunks = batch.batches(items, 3)
+    assert [[i["input"] for i in c] for c in chunks] == [["1.png", "4.png"], ["0.png", "2.png", "3.png"],
+                                                         ["5.png"], ["6.png"]]
+
+
+def test_inputs_folder_glob_list_file(tmp_path):
+    for name in ("x.png", "y.jpg", "z.perco", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in batch.resolve_inputs("compress", tmp_path)] == ["x.png", "y.jpg"]
+    assert [p.name for p in batch.resolve_inputs("decompress", tmp_path)] == ["z.perco"]
+    assert [p.name for p in batch.resolve_inputs("compress", str(tmp_path / "*.jpg"))] == ["y.jpg"]
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    (sub / "inputs.txt").write_text("# two images\n../x.png\n\n../y.jpg\n../x.png\n")
+    assert batch.resolve_inputs("compress", sub / "inputs.txt") == [sub / "../x.png", sub / "../y.jpg"]
+    with pytest.raises(PercoError, match="no inputs: folder .* holds no images"):
+        batch.resolve_inputs("compress", sub)
+    with pytest.raises(PercoError, match="does not exist"):
+        batch.resolve_inputs("compress", tmp_path / "missing")
+    with pytest.raises(PercoError, match="holds no .perco bitstreams"):
+        batch.resolve_inputs("decompress", str(tmp_path / "*.nothing"))
+
+
+def test_name_clash_and_bad_options_fail_before_any_work(tmp_path, tiny_model):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "x.png").write_bytes(b"")
+    (images / "x.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(PercoError, match=r"x.jpg and .*x.png would both write .*x.perco"):
+        batch.run_job("compress", images, out, model=tiny_model)
+    assert not out.exists()
+    with pytest.raises(UsageError, match="bad Ray address"):
+        batch.run_job("compress", images, out, model=tiny_model, address="ray://nohost")
+    with pytest.raises(UsageError, match="unknown decode option"):
+        batch.run_job("decompress", images, out, model=tiny_model, decode_options={"stepz": 2})
+    with pytest.raises(PercoError, match="model folder .* does not exist"):
+        batch.run_job("decompress", [images / "x.png"], out, model=tmp_path / "no-model")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cases = [
+        (["batch", "compress", str(tmp_path / "missing"), "-o", str(tmp_path / "out")], 1, "does not exist"),
+        (["batch", "compress", str(tmp_path), "-o", str(tmp_path / "out"), "--bogus"], 2, "unrecognized arguments"),
+        (["batch", "decompress", str(tmp_path), "-o", str(tmp_path / "o"), "--address", "a b:1"], 2, "bad Ray address"),
+        (["batch", "decompress", str(tmp_path), "-o", str(tmp_path / "o"), "--batch-size", "0"], 2, "positive"),
+        (["batch"], 2, "required: VERB"),
+    ]
+    for argv, code, text in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and text in err[0], (argv, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_ray_is_an_extension_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ExtensionError, match=r"perco-engine\[scale\]"):
+        batch.ray_session().__enter__()
+
+
+def test_module_imports_neither_ray_nor_torch():
+    code = ("import sys, perco.scale.batch; bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
+            "sys.exit(', '.join(bad) or None)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0, run.stderr
