@@ -509,9 +509,10 @@ def write_repo(engines, out, force: bool = False, instances: int = 1, log=print,
         if not (engines / entry["file"]).is_file():
             raise ModelError(f"engine {engines / entry['file']} is missing: re-run 'perco build'")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         placed = set()
         for graph, io in models.items():
             (tmp / graph / VERSION).mkdir(parents=True)
@@ -548,8 +549,10 @@ def write_repo(engines, out, force: bool = False, instances: int = 1, log=print,
         except ModelError as exc:  # name the repository, not its temporary folder
             raise ModelError(str(exc).replace(str(tmp), str(out))) from None
         _move_into_place(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write the repository {out}: {exc.strerror or exc}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out}: {len(models)} TensorRT models ({', '.join(models)}; engines {' and '.join(sorted(placed))}) "
         f"and {DECODE_MODEL} (Python backend, BLS)")
