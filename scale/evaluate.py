@@ -171,8 +171,12 @@ def evaluate(images, output, models=None, *, captions=None, metrics_models=None,
     from perco.scale.batch import ray_session, run_job
 
     stand_ins = m.stand_ins(metrics_models)
-    if stand_ins and progress:
-        print(f"warning: {m.STAND_IN_WARNING}", file=sys.stderr)
+    if progress:
+        for reason in dict.fromkeys(unavailable.values()):
+            names = ", ".join(n for n, r in unavailable.items() if r == reason)
+            print(f"warning: not computed: {names}: {reason}", file=sys.stderr)
+        if stand_ins:
+            print(f"warning: {m.STAND_IN_WARNING}", file=sys.stderr)
     device = device or _default_device()
     runs = []
     with ray_session(address):
@@ -469,9 +473,6 @@ def add_commands(sub) -> dict:
 
 def cmd_evaluate(args) -> None:
     captions = read_captions(args.captions) if args.captions else None
-    if args.metrics_models is not None and not Path(args.metrics_models).is_dir() and args.metrics is None:
-        print(f"warning: metrics folder {args.metrics_models} does not exist: only PSNR and MS-SSIM are computed",
-              file=sys.stderr)
     report = evaluate(args.images, args.output, args.model, captions=captions, metrics_models=args.metrics_models,
                       metrics=args.metrics, backend=args.backend, address=args.address, actors=args.actors,
                       steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,

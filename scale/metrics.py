@@ -16,6 +16,7 @@ it inside its handler.
 
 import math
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -150,7 +151,25 @@ def _load_clip(folder: Path):
         def get_text_features(self, *args, **kwargs):
             return self._embeddings(self.model.get_text_features(*args, **kwargs))
 
-    return ClipFeatures(CLIPModel.from_pretrained(folder).eval()), CLIPProcessor.from_pretrained(folder)
+    with _quiet_transformers():
+        return ClipFeatures(CLIPModel.from_pretrained(folder).eval()), CLIPProcessor.from_pretrained(folder)
+
+
+@contextmanager
+def _quiet_transformers():
+    """No weight-loading progress bar or notices (the CLIP image processor's torchvision fallback) on stderr."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def inception_module(path, device):
@@ -208,8 +227,10 @@ class MetricSuite:
             if "fid" in self.names:
                 self._fid = FrechetInceptionDistance(feature=features, reset_real_features=False).to(self.device)
             if "kid" in self.names:
-                self._kid = KernelInceptionDistance(feature=features, reset_real_features=False,
-                                                    subsets=KID_SUBSETS).to(self.device)
+                with warnings.catch_warnings():  # "will save all extracted features": 2048 floats per image
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._kid = KernelInceptionDistance(feature=features, reset_real_features=False,
+                                                        subsets=KID_SUBSETS).to(self.device)
         if "lpips" in self.names:
             from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
@@ -391,6 +412,7 @@ def _write_clip_stand_in(folder: Path, tokenizer_dir: Path, seed: int) -> None:
         vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=16)
     torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(folder)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    with _quiet_transformers():
+        CLIPModel(config).eval().save_pretrained(folder)
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)

@@ -1,0 +1,259 @@
+"""`perco evaluate` (perco.scale.evaluate, perco.scale.metrics).
+
+The metric networks here are the RANDOM STAND-INS of `write_stand_ins` (a TorchScript module with the
+Inception call signature, a tiny random CLIPModel), and the codec models are tiny random models: every FID,
+KID and CLIP value in these tests is MEANINGLESS. The tests check plumbing and exact bookkeeping: the rate
+(bitstream bytes * 8 / pixels, exactly), PSNR against an independent numpy computation, the report files,
+keys and warnings, resuming, and the errors. LPIPS needs torchvision; where it does not import (this CPU
+torch), the report must say so. The Ray-backed runs use a real local Ray cluster (no mocks).
+"""
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLIP_TOKENIZER, random_image
+from perco.engine.cli import main
+
+pytest.importorskip("torchmetrics")
+pytest.importorskip("ray")
+
+from perco.scale import metrics as m  # noqa: E402
+from perco.scale.evaluate import REPORT_JSON, REPORT_MD, REPORT_PLOT, match_captions, read_captions  # noqa: E402
+
+STEPS = "1"
+SIDE = 192  # MS-SSIM with 5 scales and an 11x11 kernel needs sides > 160
+
+
+def _strict_json(path):
+    """json.load that refuses NaN / Infinity: the report must be standard JSON."""
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def metric_stand_ins(tmp_path_factory):
+    """Random stand-ins, 64 Inception features (the same call; FID of 2048x2048 takes a minute on this CPU)."""
+    return m.write_stand_ins(tmp_path_factory.mktemp("metrics") / "models", CLIP_TOKENIZER, features=64)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval-images")
+    for i in range(3):
+        Image.fromarray(random_image(SIDE, SIDE, seed=i)).save(folder / f"im{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory, tiny_model, builtin_tokenizer_model, metric_stand_ins, image_folder):
+    """One `perco evaluate` over two rates (0.0313, 0.1250) on a real local Ray cluster."""
+    out = tmp_path_factory.mktemp("eval") / "report"
+    captions = out.parent / "captions.json"
+    captions.write_text(json.dumps({"im0.png": "a red barn on a hill", "im1": "a cat"}))
+    argv = ["evaluate", "--images", str(image_folder), "--captions", str(captions), "-o", str(out),
+            "--model", str(tiny_model), "--model", str(builtin_tokenizer_model),
+            "--metrics-models", str(metric_stand_ins), "--steps", STEPS, "--actors", "1", "-q"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return {"code": code, "out": out, "argv": argv, "stderr": err.getvalue()}
+
+
+def test_report_files_rate_and_psnr(ray_run, image_folder, tiny_model, builtin_tokenizer_model):
+    out = ray_run["out"]
+    assert ray_run["code"] == 1  # broken.png failed: the report is complete, the exit code says so
+    error_lines = [line for line in ray_run["stderr"].splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "broken.png" in error_lines[0], ray_run["stderr"][-2000:]
+    report = _strict_json(out / REPORT_JSON)
+    assert report["warning"] == m.STAND_IN_WARNING and report["metrics"]["stand_ins"] is True
+    assert m.STAND_IN_WARNING in (out / REPORT_MD).read_text()
+    with Image.open(out / REPORT_PLOT) as plot:
+        assert plot.format == "PNG" and plot.size[0] > 400
+    assert [r["model"] for r in report["models"]] == [str(tiny_model), str(builtin_tokenizer_model)]
+    assert report["captions"]["without_caption"] == ["broken.png", "im2.png"]
+    for result in report["models"]:
+        assert [f["image"] for f in result["failed"]] == ["broken.png"]
+        assert result["failed"][0]["stage"] == "compress"
+        assert result["images_scored"] == 3 and [r["image"] for r in result["images"]] == ["im0.png", "im1.png",
+                                                                                           "im2.png"]
+        assert set(result["metrics"]) >= {"psnr", "ms_ssim", "fid", "kid", "kid_std", "clip_score"}
+        for name in ("psnr", "ms_ssim", "fid", "kid", "clip_score"):
+            assert isinstance(result["metrics"][name], float), (name, result["metrics"])
+        bitstreams = out / "work" / result["work"]["bitstreams"]
+        for row in result["images"]:
+            stream = bitstreams / row["image"].replace(".png", ".perco")
+            assert row["bytes"] == stream.stat().st_size
+            assert row["bpp"] == stream.stat().st_size * 8 / (SIDE * SIDE)  # exactly
+            original = np.asarray(Image.open(image_folder / row["image"]).convert("RGB"))
+            decoded = np.asarray(Image.open(out / "work" / result["work"]["decoded"] / row["image"]).convert("RGB"))
+            assert row["psnr"] == pytest.approx(m.psnr_numpy(original, decoded), abs=1e-5)
+            assert 0 <= row["ms_ssim"] <= 1
+        assert result["bpp"]["mean"] == pytest.approx(np.mean([r["bpp"] for r in result["images"]]), rel=1e-12)
+        assert result["metrics"]["psnr"] == pytest.approx(np.mean([r["psnr"] for r in result["images"]]), rel=1e-12)
+    low, high = (r["bpp"]["mean"] for r in report["models"])
+    assert low < high  # two rates: two points per metric on the plot
+    captions = {r["image"]: r["caption"] for r in report["models"][0]["images"]}
+    assert captions == {"im0.png": "a red barn on a hill", "im1.png": "a cat", "im2.png": ""}
+    if "lpips" in report["metrics"]["unavailable"]:
+        assert "torchvision" in report["metrics"]["unavailable"]["lpips"] or \
+            "alexnet" in report["metrics"]["unavailable"]["lpips"]
+    else:
+        assert isinstance(report["models"][0]["metrics"]["lpips"], float)
+
+
+def test_rerun_resumes_and_missing_metrics_folder(ray_run, tmp_path):
+    """A copy of the report folder rerun with a metrics folder that does not exist: nothing is coded again,
+    the network metrics are unavailable with a reason, PSNR and MS-SSIM are the same."""
+    out = tmp_path / "report"
+    shutil.copytree(ray_run["out"], out)
+    before = _strict_json(out / REPORT_JSON)
+    argv = [a if a != str(ray_run["out"]) else str(out) for a in ray_run["argv"]]
+    argv[argv.index("--metrics-models") + 1] = str(tmp_path / "no-such-folder")
+    assert main(argv) == 1  # broken.png still fails
+    report = _strict_json(out / REPORT_JSON)
+    assert report["warning"] is None and m.STAND_IN_WARNING not in (out / REPORT_MD).read_text()
+    assert report["metrics"]["computed"] == ["psnr", "ms_ssim"]
+    assert set(report["metrics"]["unavailable"]) == {"lpips", "fid", "kid", "clip_score"}
+    assert all("no-such-folder" in why or "torchvision" in why for why in report["metrics"]["unavailable"].values())
+    for old, new in zip(before["models"], report["models"]):
+        assert new["jobs"]["compress"]["done"] == 0 and new["jobs"]["compress"]["skipped"] == 3
+        assert new["jobs"]["decompress"]["done"] == 0 and new["jobs"]["decompress"]["skipped"] == 3
+        assert new["metrics"]["psnr"] == old["metrics"]["psnr"] and "fid" not in new["metrics"]
+        assert [r["bpp"] for r in new["images"]] == [r["bpp"] for r in old["images"]]
+
+
+@pytest.mark.parametrize("argv, code, match", [
+    (["--metrics", "psnr,sharpness"], 2, "unknown metric 'sharpness'"),
+    (["--metrics", "fid"], 1, "metric fid was asked for but is unavailable"),
+    (["--steps", "0"], 2, "expected a positive integer"),
+    (["--images", "/no/such/folder"], 1, "does not exist"),
+    (["--captions", "CAPTIONS_BAD"], 1, "line 1: expected 'name<TAB>caption'"),
+    (["-o", "OUTPUT_FILE"], 1, "is a file"),
+])
+def test_bad_flags_one_error_line(argv, code, match, image_folder, tmp_path, capsys):
+    bad = tmp_path / "captions.tsv"
+    bad.write_text("im0.png a caption without a tab\n")
+    (tmp_path / "file").write_text("x")
+    base = {"--images": str(image_folder), "-o": str(tmp_path / "report"),
+            "--metrics-models": str(tmp_path / "absent")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = {"CAPTIONS_BAD": str(bad), "OUTPUT_FILE": str(tmp_path / "file")}.get(value, value)
+    args = ["evaluate"] + [x for kv in base.items() for x in kv]
+    assert main(args) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and match in err[0], err
+    assert not (tmp_path / "report" / REPORT_JSON).exists()
+
+
+def test_missing_option_is_one_line(capsys):
+    assert main(["evaluate", "-o", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--images" in err[0]
+
+
+def test_captions_json_tsv_and_matching(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"a.png": "one", "b": "two", "zzz.png": "nobody"}))
+    (tmp_path / "c.tsv").write_text("a.png\tone\n\nb\ttwo\twith a tab\n")
+    images = [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"]
+    assert match_captions(images, read_captions(tmp_path / "c.json")) == (
+        {"a.png": "one", "b.jpg": "two", "c.png": ""}, ["c.png"], ["zzz.png"])
+    assert read_captions(tmp_path / "c.tsv") == {"a.png": "one", "b": "two\twith a tab"}
+    (tmp_path / "bad.json").write_text('{"a.png": 3}')
+    with pytest.raises(m.PercoError, match="JSON object of"):
+        read_captions(tmp_path / "bad.json")
+    with pytest.raises(m.PercoError, match="does not exist"):
+        read_captions(tmp_path / "none.json")
+
+
+def test_psnr_identical_and_small_images(metric_stand_ins):
+    image = random_image(SIDE, SIDE, seed=5)
+    assert m.psnr_numpy(image, image) == math.inf
+    suite = m.MetricSuite(["psnr", "ms_ssim"], metric_stand_ins)
+    same = suite.add_pair(image, image)
+    assert same["psnr"] is None and same["identical"] is True and same["ms_ssim"] == pytest.approx(1.0)
+    noisy = np.clip(image.astype(int) + np.random.default_rng(0).integers(-9, 10, image.shape), 0, 255).astype(np.uint8)
+    value = suite.add_pair(image, noisy)["psnr"]
+    assert value == pytest.approx(m.psnr_numpy(image, noisy), abs=1e-5) and 25 < value < 40
+    small = suite.add_pair(image[:100, :120], noisy[:100, :120])
+    assert small["ms_ssim"] is None and small["psnr"] > 0
+    summary = suite.summary()
+    assert summary["psnr"] == pytest.approx((value + small["psnr"]) / 2)  # the identical pair is left out
+    assert "161" in summary["notes"]["ms_ssim"]
+    with pytest.raises(m.PercoError, match="decoded image is 120x100"):
+        suite.add_pair(image, noisy[:100, :120])
+
+
+def test_reference_set_is_shared_across_models(metric_stand_ins):
+    """FID/KID of the second model (after next_model) equal those of a fresh suite given the same images.
+    The values are meaningless (random stand-in network); their bookkeeping is what is checked."""
+    originals = [random_image(SIDE, SIDE, seed=s) for s in range(4)]
+    first = [np.roll(o, 7, axis=1) for o in originals]
+    second = [255 - o for o in originals]
+    shared = m.MetricSuite(["fid", "kid"], metric_stand_ins)
+    for o, d in zip(originals, first):
+        shared.add_real(o)
+        shared.add_pair(o, d)
+    shared.summary()
+    shared.next_model()
+    for o, d in zip(originals, second):
+        shared.add_pair(o, d)
+    fresh = m.MetricSuite(["fid", "kid"], metric_stand_ins)
+    for o, d in zip(originals, second):
+        fresh.add_real(o)
+        fresh.add_pair(o, d)
+    a, b = shared.summary(), fresh.summary()
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-6) and a["kid"] == pytest.approx(b["kid"], rel=1e-6)
+    assert a["fid"] > 0
+    one = m.MetricSuite(["fid"], metric_stand_ins)
+    one.add_real(originals[0])
+    one.add_pair(originals[0], first[0])
+    assert one.summary() == {"fid": None, "notes": {"fid": "FID needs at least 2 original and 2 decoded images"}}
+
+
+def test_stand_in_inception_has_the_real_call_signature(metric_stand_ins):
+    import torch
+
+    net = torch.jit.load(str(metric_stand_ins / m.INCEPTION_FILE))
+    x = torch.rand(2, 3, 64, 80) * 255
+    assert net(x, return_features=True).shape == (2, 64) and net(x).shape == (2, 1008)
+    full = torch.jit.script(m._stand_in_inception(m.INCEPTION_FEATURES))
+    assert full(x, return_features=True).shape == (2, 2048)
+    features = m.inception_module(metric_stand_ins / m.INCEPTION_FILE, "cpu")
+    assert features.num_features == 64
+    assert m.stand_ins(metric_stand_ins) and (metric_stand_ins / m.STAND_IN_MARKER).read_text().startswith(
+        m.STAND_IN_WARNING)
+
+
+def test_availability_reasons(tmp_path, metric_stand_ins):
+    none = m.availability(None)
+    assert none["psnr"] is None and none["ms_ssim"] is None and "no --metrics-models" in none["fid"]
+    there = m.availability(metric_stand_ins)
+    assert there["fid"] is None and there["kid"] is None and there["clip_score"] is None
+    (tmp_path / "empty").mkdir()
+    empty = m.availability(tmp_path / "empty")
+    assert m.INCEPTION_FILE in empty["fid"] and "clip" in empty["clip_score"]
+    assert ("torchvision" in empty["lpips"]) or ("alexnet" in empty["lpips"])
+
+
+def test_without_torchmetrics_is_an_extension_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)
+    with pytest.raises(m.ExtensionError, match=r"pip install 'perco-engine\[eval,scale\]'"):
+        m.require_torchmetrics()
+
+
+def test_module_imports_stay_light():
+    code = ("import sys, perco.scale.evaluate, perco.scale.cli; "
+            "heavy = [n for n in ('torch', 'torchmetrics', 'ray', 'transformers') if n in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
