@@ -351,11 +351,18 @@ def check_repo(repo) -> dict:
     engines recorded in perco_repo.json (names, dtypes, dims, profiles), the engine files by hash, the decode
     model and its model description; no symlinks, no absolute paths. ModelError on the first problem; returns
     the repository manifest."""
+    try:
+        return _check_repo(Path(repo))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited record or engines.json
+        raise ModelError(f"{repo}: {REPO_MANIFEST} or {SPEC_FOLDER}/engines.json is malformed "
+                         f"({type(exc).__name__}: {exc}): write the repository again") from None
+
+
+def _check_repo(repo: Path) -> dict:
     from perco.engine import families
     from perco.engine.backends.tensorrt import decoder_graphs, spec_from_engines
     from perco.engine.model import read_json
 
-    repo = Path(repo)
     record = read_json(repo / REPO_MANIFEST, missing=f"{repo} is not a repository of '{WRITTEN_BY}' "
                                                      f"({REPO_MANIFEST} missing)")
     if record.get("format") != REPO_FORMAT or record.get("written_by") != WRITTEN_BY:
@@ -365,6 +372,8 @@ def check_repo(repo) -> dict:
             raise ModelError(f"{path} is a symlink: a repository holds its files (a link can dangle)")
     _no_absolute_paths(record, repo / REPO_MANIFEST)
     spec_dir = repo / DECODE_MODEL / VERSION / SPEC_FOLDER
+    if not (spec_dir / "engines.json").is_file():
+        raise ModelError(f"{spec_dir / 'engines.json'} is missing: the decode model has no model description")
     spec_from_engines(spec_dir)  # the decode model's own start: the model description must load
     manifest = read_json(spec_dir / "engines.json")
     _no_absolute_paths(manifest, spec_dir / "engines.json")
@@ -381,9 +390,13 @@ def check_repo(repo) -> dict:
             if [(t.name, t.dtype) for t in tensors] != [(n, d) for n, d, _ in expected]:
                 raise ModelError(f"{repo / REPO_MANIFEST}: {graph} {kind}s {[(t.name, t.dtype) for t in tensors]} are "
                                  f"not the graph contract's {[(n, d) for n, d, _ in expected]}")
-        if manifest["graphs"].get(graph, {}).get("shapes") != {t.name: t.profile for t in io.inputs}:
+        spec_entry = manifest["graphs"].get(graph, {})
+        if spec_entry.get("shapes") != {t.name: t.profile for t in io.inputs}:
             raise ModelError(f"{repo}: the profile of {graph} differs between {REPO_MANIFEST} and "
                              f"{SPEC_FOLDER}/engines.json")
+        if spec_entry.get("triton_model") != graph or spec_entry.get("triton_reshape") != list(io.reshaped):
+            raise ModelError(f"{spec_dir / 'engines.json'}: {graph} must name its Triton model {graph!r} and the "
+                             f"tensors model.py sends reshaped, {list(io.reshaped)}")
         where = repo / graph / "config.pbtxt"
         check_engine_config(parse_config(_read_text(where), str(where)), io, str(where))
         plan = repo / graph / VERSION / ENGINE_FILE

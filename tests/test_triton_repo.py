@@ -113,7 +113,7 @@ def test_configs_declare_the_engines_tensors_dtypes_dims_and_profile(built, repo
     assert list(text.output[0].dims) == [77, 32]  # static width from the ONNX graph the engine was built from
 
 
-def test_repo_is_self_contained(built, repo, tmp_path):
+def test_repo_is_self_contained(built, repo, tmp_path, capsys):
     art, engines = built
     for path in repo.rglob("*"):
         assert not path.is_symlink()
@@ -124,6 +124,8 @@ def test_repo_is_self_contained(built, repo, tmp_path):
     shutil.copytree(repo, moved)
     record = triton.check_repo(moved)
     assert record["server_run"] is False
+    assert main(["triton-repo", "--check", str(moved)]) == 0
+    assert "valid" in capsys.readouterr().out
     assert "perco_spec/engines.json" in [f"perco_spec/{f}" for f in record["spec"]["files"]]
     assert any(f.startswith("tokenizer-") for f in record["spec"]["files"])
 
