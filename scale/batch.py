@@ -330,6 +330,18 @@ def batches(items: list, batch_size: int) -> list:
     return out
 
 
+def spread(items: list, batch_size: int, actors: int) -> list:
+    """batches(), with smaller batches where there would be fewer batches than actors (so each has work)."""
+    chunks = batches(items, batch_size)
+    if len(chunks) < actors:
+        batch_size = max(1, min(batch_size, -(-len(items) // actors)))
+        chunks = batches(items, batch_size)
+    while len(chunks) < actors and batch_size > 1:  # several sizes: their groups' remainders
+        batch_size = max(1, batch_size // 2)
+        chunks = batches(items, batch_size)
+    return chunks
+
+
 # --- the actor ------------------------------------------------------------------------------------------------
 
 
@@ -567,14 +579,13 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
             print(f"warning: {line}", file=sys.stderr)
     result = {"verb": verb, "model": str(model) if model is not None else None, "artifacts": artifacts,
               "backend": backend_name, "batch_size": batch_size, "done": [], "skipped": skipped, "failed": failed,
-              "warnings": warnings, "actors": 0, "nodes": 0, "sizes": _sizes(todo, batch_size)}
-    chunks = batches(todo, batch_size)
-    if chunks:
+              "warnings": warnings, "actors": 0, "nodes": 0, "first_batch_seconds": None, "sizes": {}}
+    if todo:
         config = {"verb": verb, "model": str(model) if model is not None else None, "artifacts": artifacts,
                   "backend": backend_name, "max_pixels": max_pixels, "seed": seed, "decode_options": options,
                   "captioner": captioner, "captioner_model": captioner_model}
         with ray_session(address) as ray:
-            result.update(_execute(ray, chunks, config, actors, progress, result))
+            result.update(_execute(ray, todo, batch_size, config, actors, progress, result, start))
     result["seconds"] = seconds = time.perf_counter() - start
     result["items_per_second"] = len(result["done"]) / seconds if seconds > 0 else 0.0
     result["failed"].sort(key=lambda e: e["input"])
@@ -583,13 +594,18 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     return result
 
 
-def _execute(ray, chunks: list, config: dict, actors, progress: bool, result: dict) -> dict:
-    """Run the batches on an actor pool; fills result["done"] / ["failed"] as batches finish."""
-    count, cpus, gpus = actor_layout(ray, actors)
+def _execute(ray, todo: list, batch_size: int, config: dict, actors, progress: bool, result: dict,
+             start: float) -> dict:
+    """Run the items in batches on an actor pool (no more actors than batches); fills result["done"] and
+    result["failed"] as batches finish."""
+    wanted = actor_layout(ray, actors)[0]
+    chunks = spread(todo, batch_size, wanted)
+    count, cpus, gpus = actor_layout(ray, min(wanted, len(chunks)))
     config = {**config, "threads": max(1, int(cpus))}
     total = sum(len(c) for c in chunks)
     from perco.engine.codec import _progress
 
+    first = None
     bar = _progress(None, progress, desc=f"batch {config['verb']}", unit="image", total=total)
     try:
         with _quiet_ray_data(ray):
@@ -602,6 +618,8 @@ def _execute(ray, chunks: list, config: dict, actors, progress: bool, result: di
                                 num_cpus=cpus, num_gpus=gpus or None)
             try:
                 for row in ds.iter_rows():
+                    if first is None:  # since the job's start: actors started, models loaded, one batch coded
+                        first = time.perf_counter() - start
                     entries = json.loads(row["result"])
                     for entry in entries:
                         (result["failed"] if "error" in entry else result["done"]).append(entry)
@@ -616,15 +634,18 @@ def _execute(ray, chunks: list, config: dict, actors, progress: bool, result: di
         bar.close()
     result["done"].sort(key=lambda e: e["input"])
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return {"actors": count, "cpus_per_actor": cpus, "gpus_per_actor": gpus, "nodes": nodes}
+    return {"actors": count, "cpus_per_actor": cpus, "gpus_per_actor": gpus, "nodes": nodes,
+            "first_batch_seconds": first, "sizes": _sizes(chunks)}
 
 
-def _sizes(todo: list, batch_size: int) -> dict:
-    counts = {}
-    for item in todo:
-        key = "{}x{}".format(*item["size"])
-        counts[key] = counts.get(key, 0) + 1
-    return {k: {"items": n, "batches": -(-n // batch_size)} for k, n in sorted(counts.items())}
+def _sizes(chunks: list) -> dict:
+    """{"WxH": {"items", "batches"}} of the batches a job ran."""
+    out = {}
+    for chunk in chunks:
+        entry = out.setdefault("{}x{}".format(*chunk[0]["size"]), {"items": 0, "batches": 0})
+        entry["items"] += len(chunk)
+        entry["batches"] += 1
+    return dict(sorted(out.items()))
 
 
 def _warnings(verb: str, todo: list, captioner) -> list:

@@ -261,3 +261,11 @@ def test_module_imports_neither_ray_nor_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ""})
     assert run.returncode == 0, run.stderr
+
+
+def test_spread_gives_every_actor_a_batch():
+    items = [{"input": f"{i}.png", "size": [64, 64]} for i in range(5)]
+    assert [len(c) for c in batch.spread(items, 8, 1)] == [5]
+    assert [len(c) for c in batch.spread(items, 8, 2)] == [3, 2]
+    assert [len(c) for c in batch.spread(items, 8, 3)] == [2, 2, 1]
+    assert [len(c) for c in batch.spread(items, 8, 9)] == [1] * 5  # never more batches than items
