@@ -20,7 +20,6 @@ only when every check passed. The Triton server itself has not run on it here.
 """
 
 import ast
-import hashlib
 import inspect
 import json
 import os
@@ -203,14 +202,14 @@ def _dims(values) -> str:
     return "[ " + ", ".join(str(v) for v in values) + " ]"
 
 
-def _tensor_block(tensor: TensorIO, batching: bool, extra: str = "") -> str:
+def _tensor_block(tensor: TensorIO, batching: bool) -> str:
     dims = tensor.dims[1:] if batching else tensor.dims
     lines = [f'    name: "{tensor.name}"', f"    data_type: {TRITON_TYPES[tensor.dtype]}"]
     if batching and not dims:  # [batch] alone: dims [1] reshaped to [] (the model sees [batch])
         lines += ["    dims: [ 1 ]", "    reshape: { shape: [ ] }"]
     else:
         lines.append(f"    dims: {_dims(dims)}")
-    return "  {\n" + "\n".join(lines) + extra + "\n  }"
+    return "  {\n" + "\n".join(lines) + "\n  }"
 
 
 def engine_config(io: EngineIO, instances: int = 1) -> str:
@@ -361,6 +360,7 @@ def check_repo(repo) -> dict:
 def _check_repo(repo: Path) -> dict:
     from perco.engine import families
     from perco.engine.backends.tensorrt import decoder_graphs, spec_from_engines
+    from perco.engine.manifest import file_sha256
     from perco.engine.model import read_json
 
     record = read_json(repo / REPO_MANIFEST, missing=f"{repo} is not a repository of '{WRITTEN_BY}' "
@@ -400,7 +400,7 @@ def _check_repo(repo: Path) -> dict:
         where = repo / graph / "config.pbtxt"
         check_engine_config(parse_config(_read_text(where), str(where)), io, str(where))
         plan = repo / graph / VERSION / ENGINE_FILE
-        if not plan.is_file() or plan.stat().st_size != entry["bytes"] or _sha256(plan) != entry["sha256"]:
+        if not plan.is_file() or plan.stat().st_size != entry["bytes"] or file_sha256(plan) != entry["sha256"]:
             raise ModelError(f"{plan} is missing or is not the engine engines.json lists (size or SHA-256 differs)")
     where = repo / DECODE_MODEL / "config.pbtxt"
     check_decode_config(parse_config(_read_text(where), str(where)), str(where))
@@ -439,14 +439,6 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _place_engine(source: Path, target: Path) -> str:
@@ -503,7 +495,6 @@ def write_repo(engines, out, force: bool = False, instances: int = 1, log=print,
     into place); returns its perco_repo.json record. `log` gets the summary, `warn` (default: stderr) caveats."""
     from perco.engine import families
     from perco.engine.backends.tensorrt import ENGINES_MANIFEST, read_engines
-    from perco.engine.files import ENTROPY_FILES, atomic_json, copy_folder, tokenizer_files
 
     _schema()  # the extension first: nothing is written without the validator
     engines, out = Path(engines), Path(out)
@@ -526,37 +517,7 @@ def write_repo(engines, out, force: bool = False, instances: int = 1, log=print,
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        placed = set()
-        for graph, io in models.items():
-            (tmp / graph / VERSION).mkdir(parents=True)
-            placed.add(_place_engine(engines / manifest["graphs"][graph]["file"], tmp / graph / VERSION / ENGINE_FILE))
-            (tmp / graph / "config.pbtxt").write_text(engine_config(io, instances), encoding="utf-8")
-        version_dir = tmp / DECODE_MODEL / VERSION
-        spec_dir = version_dir / SPEC_FOLDER
-        spec_dir.mkdir(parents=True)
-        (tmp / DECODE_MODEL / "config.pbtxt").write_text(decode_config(instances), encoding="utf-8")
-        shutil.copyfile(inspect.getsourcefile(_model_module()), version_dir / "model.py")
-        atomic_json(spec_dir / ENGINES_MANIFEST, _spec_manifest(manifest, models))
-        for key, names in (("tokenizer", None), ("entropy_model", ENTROPY_FILES)):
-            folder = manifest.get(key)
-            if folder:
-                source = engines / folder
-                copy_folder(source, spec_dir / folder, names=names or tokenizer_files(source))
-        files = sorted(str(p.relative_to(spec_dir)) for p in spec_dir.rglob("*") if p.is_file())
-        record = {
-            "format": REPO_FORMAT, "written_by": WRITTEN_BY, "perco": _release(),
-            "engines": {k: manifest.get(k) for k in ("flavor", "version", "precision", "target_cc")},
-            "models": {graph: {"file": f"{graph}/{VERSION}/{ENGINE_FILE}", "sha256": manifest["graphs"][graph]["sha256"],
-                               "bytes": manifest["graphs"][graph]["bytes"], **io.to_dict()}
-                       for graph, io in models.items()},
-            "decode_model": DECODE_MODEL,
-            "spec": {"folder": f"{DECODE_MODEL}/{VERSION}/{SPEC_FOLDER}", "files": files},
-            "validated": "every config.pbtxt parsed against Triton's ModelConfig schema (tritonclient) and checked "
-                         "against the engines' names, dtypes, dims and profiles; engine files by SHA-256",
-            "server_run": False,
-        }
-        atomic_json(tmp / REPO_MANIFEST, record)
-        (tmp / "README.txt").write_text(_readme(record, " and ".join(sorted(placed))), encoding="utf-8")
+        record, placed = _write_into(tmp, engines, manifest, models, instances)
         try:
             check_repo(tmp)
         except ModelError as exc:  # name the repository, not its temporary folder
@@ -577,6 +538,45 @@ def write_repo(engines, out, force: bool = False, instances: int = 1, log=print,
                           "engines: build with 'perco build --flavor tensorrt' on the serving GPU for a repository it "
                           "can load")
     return record
+
+
+def _write_into(tmp: Path, engines: Path, manifest: dict, models: dict, instances: int) -> tuple:
+    """Every file of the repository into the empty folder `tmp`: (perco_repo.json record, how engines were placed)."""
+    from perco.engine.backends.tensorrt import ENGINES_MANIFEST
+    from perco.engine.files import ENTROPY_FILES, atomic_json, copy_folder, tokenizer_files
+
+    placed = set()
+    for graph, io in models.items():
+        (tmp / graph / VERSION).mkdir(parents=True)
+        placed.add(_place_engine(engines / manifest["graphs"][graph]["file"], tmp / graph / VERSION / ENGINE_FILE))
+        (tmp / graph / "config.pbtxt").write_text(engine_config(io, instances), encoding="utf-8")
+    version_dir = tmp / DECODE_MODEL / VERSION
+    spec_dir = version_dir / SPEC_FOLDER
+    spec_dir.mkdir(parents=True)
+    (tmp / DECODE_MODEL / "config.pbtxt").write_text(decode_config(instances), encoding="utf-8")
+    shutil.copyfile(inspect.getsourcefile(_model_module()), version_dir / "model.py")
+    atomic_json(spec_dir / ENGINES_MANIFEST, _spec_manifest(manifest, models))
+    for key, names in (("tokenizer", None), ("entropy_model", ENTROPY_FILES)):
+        folder = manifest.get(key)
+        if folder:
+            source = engines / folder
+            copy_folder(source, spec_dir / folder, names=names or tokenizer_files(source))
+    files = sorted(str(p.relative_to(spec_dir)) for p in spec_dir.rglob("*") if p.is_file())
+    record = {
+        "format": REPO_FORMAT, "written_by": WRITTEN_BY, "perco": _release(),
+        "engines": {k: manifest.get(k) for k in ("flavor", "version", "precision", "target_cc")},
+        "models": {graph: {"file": f"{graph}/{VERSION}/{ENGINE_FILE}", "sha256": manifest["graphs"][graph]["sha256"],
+                           "bytes": manifest["graphs"][graph]["bytes"], **io.to_dict()}
+                   for graph, io in models.items()},
+        "decode_model": DECODE_MODEL,
+        "spec": {"folder": f"{DECODE_MODEL}/{VERSION}/{SPEC_FOLDER}", "files": files},
+        "validated": "every config.pbtxt parsed against Triton's ModelConfig schema (tritonclient) and checked "
+                     "against the engines' names, dtypes, dims and profiles; engine files by SHA-256",
+        "server_run": False,
+    }
+    atomic_json(tmp / REPO_MANIFEST, record)
+    (tmp / "README.txt").write_text(_readme(record, " and ".join(sorted(placed))), encoding="utf-8")
+    return record, placed
 
 
 def _stderr(text: str) -> None:
