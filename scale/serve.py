@@ -135,7 +135,7 @@ class DecodeServer:
             self._decode_jobs)
         try:
             self._replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a replica (never in Serve itself): the health route just omits it
+        except serve.exceptions.RayServeException:  # built outside Serve (tests): the health route omits it
             self._replica = None
 
     def __del__(self):

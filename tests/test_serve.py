@@ -338,3 +338,62 @@ def test_help_lists_serve_and_the_module_does_not_import_ray():
     code = ("import sys; import perco.scale.serve; assert 'ray' not in sys.modules, 'ray imported'; "
             "from perco.engine.cli import build_parser; h = build_parser().format_help(); assert ' serve ' in h, h")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ})
+
+
+# --- the replica's own logic, in this process (a real codec; Serve's batching and HTTP are tested above) -----
+
+
+def _replica(model, **options):
+    from dataclasses import asdict
+
+    from perco.scale.serve import DecodeServer, ServeOptions
+
+    return DecodeServer(asdict(ServeOptions(model=str(model), **options)))
+
+
+def test_settings_follow_query_then_flags_then_hints(tiny_model, codec):
+    from perco.engine.bitstream import Hints
+    from perco.scale.serve import RequestError
+
+    hinted = codec.compress(random_image(64, 64), seed=0, hints=Hints(steps=7, guidance=2.5))
+    plain = codec.compress(random_image(64, 64), seed=0)
+    replica = _replica(tiny_model)
+    job = replica._check(hinted, None, None)
+    assert (job.steps, job.guidance, job.width, job.height) == (7, 2.5, 64, 64)
+    assert replica._check(plain, None, None).steps == codec.model.default_steps
+    assert replica._check(hinted, 5, 1.0).key == (64, 64, 5, 1.0)
+    flagged = _replica(tiny_model, steps=3, guidance=4.0)
+    assert flagged._check(hinted, None, None).key == (64, 64, 3, 4.0)
+    assert flagged._check(hinted, 2, None).key == (64, 64, 2, 4.0)
+    with pytest.raises(RequestError, match="asks for 7 steps, over this server's limit of 6") as info:
+        _replica(tiny_model, max_steps=6)._check(hinted, None, None)
+    assert info.value.status == 422
+    with pytest.raises(RequestError, match="last 3 steps without guidance") as info:
+        _replica(tiny_model, guidance_stop=3)._check(plain, 2, None)
+    assert info.value.status == 422
+
+
+def test_a_group_is_split_to_stay_within_the_decode_limit(tiny_model, streams):
+    replica = _replica(tiny_model, max_pixels=2 * 128 * 128)
+    job = replica._check(streams["128x128"], 2, None)
+    assert [len(c) for c in replica._chunks(list(range(5)), job)] == [2, 2, 1]
+    small = replica._check(streams["64x64"][0], 2, None)
+    assert [len(c) for c in replica._chunks(list(range(5)), small)] == [5]
+
+
+def test_a_failing_group_is_redecoded_one_by_one(tiny_model, codec, streams):
+    import asyncio
+
+    from perco.engine.errors import BitstreamError
+    from perco.scale.serve import _Decoded
+
+    replica = _replica(tiny_model)
+    jobs = [replica._check(data, 2, None) for data in streams["64x64"][:3]]
+    jobs[1].data = b"not a bitstream"  # after its check: only a bug could do this, and it must fail alone
+    results = asyncio.run(replica._decode_jobs(jobs))
+    assert isinstance(results[1], BitstreamError)
+    for i in (0, 2):
+        assert isinstance(results[i], _Decoded) and results[i].batch_size == 1
+        _close(results[i].image, codec.decompress(streams["64x64"][i], steps=2))
+    results = asyncio.run(replica._decode_jobs([jobs[0], jobs[2]]))
+    assert [r.batch_size for r in results] == [2, 2]
