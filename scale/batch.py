@@ -349,7 +349,7 @@ class BatchWorker:
     """A Ray Data actor: one Codec (and captioner, at first use) for the whole job; one batch of one size per call.
 
     Called with {"batch": [json of a list of items]}; returns {"result": [json of a list of entries]}, an entry
-    being {"input", "output", "bytes", "batch"} or {"input", "error"} (one line).
+    being {"input", "output", "bytes", "batch"} (compress adds the "caption" coded) or {"input", "error"}.
     """
 
     def __init__(self, config: dict):
@@ -392,7 +392,8 @@ class BatchWorker:
             try:
                 data = self.codec.compress(image, caption=item["caption"] or "", seed=self.config["seed"])
                 write_output(item["output"], data)
-                results[i] = {"input": item["input"], "output": item["output"], "bytes": len(data), "batch": 1}
+                results[i] = {"input": item["input"], "output": item["output"], "bytes": len(data), "batch": 1,
+                              "caption": item["caption"] or ""}
             except Exception as exc:  # noqa: BLE001
                 results[i] = _failure(item, exc)
         return [results[i] for i in range(len(items))]
@@ -545,7 +546,8 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     each actor) if given, else get the empty caption. decode_options: decompress_batch keywords (steps, guidance,
     sampler, guidance_stop). Outputs already present and valid are skipped, so a rerun resumes an interrupted job.
 
-    The report: {"verb", "done": [{"input", "output", "bytes", "batch"}], "skipped": [{"input", "output",
+    The report: {"verb", "done": [{"input", "output", "bytes", "batch" (images decoded together), "caption"
+    (compress)}], "skipped": [{"input", "output",
     "bytes"}], "failed": [{"input", "error"}], "seconds", "items_per_second" (done / seconds), "actors", ...}.
     Job-level problems (no inputs, a bad address, a missing model, an output name clash) raise PercoError before
     any work; a failed item never stops the job.

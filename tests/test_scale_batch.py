@@ -63,8 +63,16 @@ def _forge(data: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def compressed(cluster, tiny_model, tmp_path_factory):
-    """(report, images folder, output folder): a batch compress of four images and one corrupt .png, 2 actors."""
+def blip2(tmp_path_factory):
+    from perco.export.captioners import write_tiny_blip2
+
+    return write_tiny_blip2(tmp_path_factory.mktemp("blip2") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def compressed(cluster, tiny_model, blip2, tmp_path_factory):
+    """(report, images folder, output folder): a batch compress of four images and one corrupt .png, 2 actors;
+    the two images without a caption in CAPTIONS are captioned by a tiny random BLIP-2 in the actor."""
     root = tmp_path_factory.mktemp("batch-compress")
     images = root / "images"
     images.mkdir()
@@ -73,7 +81,7 @@ def compressed(cluster, tiny_model, tmp_path_factory):
     (images / "broken.png").write_bytes(b"this is not a PNG file")
     (images / "notes.txt").write_text("not an input: a folder contributes its images only")
     report = batch.run_job("compress", images, root / "coded", model=tiny_model, actors=2, captions=CAPTIONS,
-                           seed=SEED)
+                           seed=SEED, captioner="blip2", captioner_model=blip2)
     return report, images, root / "coded"
 
 
@@ -101,20 +109,27 @@ def _by_name(entries) -> dict:
     return {Path(e["input"]).stem: e for e in entries}
 
 
-def test_compress_codes_every_image_and_reports_the_corrupt_one(compressed, local_codec):
+def test_compress_codes_every_image_and_reports_the_corrupt_one(compressed, local_codec, blip2):
+    from perco.export.captioners import Blip2Captioner
+
     report, images, coded = compressed
+    # b and c share a batch (64x64, with a): the actor captions them in one call, as here
+    captions = dict(CAPTIONS, **dict(zip(["b.png", "c.png"], Blip2Captioner(blip2)(
+        [load_image(images / "b.png"), load_image(images / "c.png")]))))
+    assert all(captions.values())
     assert [Path(e["input"]).name for e in report["failed"]] == ["broken.png"]
     reason = report["failed"][0]["error"]
     assert "not a recognised image format" in reason and "\n" not in reason
     done = _by_name(report["done"])
     assert sorted(done) == sorted(SIZES) and report["skipped"] == [] and report["actors"] == 2
     for name in SIZES:
-        expected = local_codec.compress(load_image(images / f"{name}.png"), caption=CAPTIONS.get(f"{name}.png", ""),
+        expected = local_codec.compress(load_image(images / f"{name}.png"), caption=captions[f"{name}.png"],
                                         seed=SEED)
+        assert done[name]["caption"] == captions[f"{name}.png"]
         assert (coded / f"{name}.perco").read_bytes() == expected, name
         assert done[name]["bytes"] == len(expected) and done[name]["output"] == str(coded / f"{name}.perco")
     assert report["sizes"] == {"64x64": {"items": 3, "batches": 1}, "96x64": {"items": 1, "batches": 1}}
-    assert report["warnings"] and "2 of 4 images have no caption" in report["warnings"][0]
+    assert report["warnings"] == []  # the captioner captions what CAPTIONS leaves out
     on_disk = json.loads((coded / "report.json").read_text())
     assert on_disk["done"] == report["done"] and on_disk["failed"] == report["failed"]
     assert report["items_per_second"] == pytest.approx(len(report["done"]) / report["seconds"])
@@ -184,8 +199,11 @@ def test_plan_skips_only_valid_bitstreams(compressed, tiny_model, other_seed_mod
     todo, skipped, failed = batch.plan("compress", paths, targets, spec, seed=SEED)
     assert [Path(i["input"]).stem for i in todo] == ["a", "b", "c"]
     assert [Path(e["input"]).stem for e in skipped] == ["d"] and [Path(e["input"]).stem for e in failed] == ["broken"]
-    todo, skipped, _ = batch.plan("compress", paths, targets, spec, seed=SEED + 1)  # another seed: redo all
-    assert len(todo) == 4 and skipped == []
+    todo, skipped, _ = batch.plan("compress", paths, targets, spec, seed=SEED + 1, captions={"a.png": "a barn"})
+    assert len(todo) == 4 and skipped == []  # another seed: redo all
+    assert [i["caption"] for i in todo] == ["a barn", None, None, None]
+    assert "3 of 4 images have no caption" in batch._warnings("compress", todo, None)[0]
+    assert batch._warnings("compress", todo, "blip2") == []
     other = ModelInfo.open(other_seed_model).spec
     todo, skipped, _ = batch.plan("compress", paths, targets, other, seed=SEED)  # another model: redo all
     assert len(todo) == 4 and skipped == []
