@@ -162,12 +162,13 @@ def evaluate(images, output, models=None, *, captions=None, metrics_models=None,
     reasons = m.availability(metrics_models)
     chosen, unavailable = choose_metrics(metrics, reasons)
     m.require_torchmetrics()
-    report_dir = _report_folder(output)
+    _check_report_folder(output)
     if not models:
         from perco.engine.demo import default_model
 
         models = [str(default_model(progress=progress))]
     specs = [ModelInfo.open(model).spec for model in models]  # a missing or broken model fails before any work
+    report_dir = _report_folder(output)
     from perco.scale.batch import ray_session, run_job
 
     stand_ins = m.stand_ins(metrics_models)
@@ -220,11 +221,16 @@ def evaluate(images, output, models=None, *, captions=None, metrics_models=None,
     return report
 
 
-def _report_folder(output) -> Path:
+def _check_report_folder(output) -> Path:
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"report folder {folder} is a file: -o names a folder (report.json, report.md, "
                           f"{REPORT_PLOT}, work/)")
+    return folder
+
+
+def _report_folder(output) -> Path:
+    folder = _check_report_folder(output)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

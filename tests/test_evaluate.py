@@ -140,13 +140,14 @@ def test_rerun_resumes_and_missing_metrics_folder(ray_run, tmp_path):
     (["--images", "/no/such/folder"], 1, "does not exist"),
     (["--captions", "CAPTIONS_BAD"], 1, "line 1: expected 'name<TAB>caption'"),
     (["-o", "OUTPUT_FILE"], 1, "is a file"),
+    (["--model", "/no/such/model"], 1, "/no/such/model"),
 ])
-def test_bad_flags_one_error_line(argv, code, match, image_folder, tmp_path, capsys):
+def test_bad_flags_one_error_line(argv, code, match, image_folder, tiny_model, tmp_path, capsys):
     bad = tmp_path / "captions.tsv"
     bad.write_text("im0.png a caption without a tab\n")
     (tmp_path / "file").write_text("x")
     base = {"--images": str(image_folder), "-o": str(tmp_path / "report"),
-            "--metrics-models": str(tmp_path / "absent")}
+            "--metrics-models": str(tmp_path / "absent"), "--model": str(tiny_model)}
     for flag, value in zip(argv[::2], argv[1::2]):
         base[flag] = {"CAPTIONS_BAD": str(bad), "OUTPUT_FILE": str(tmp_path / "file")}.get(value, value)
     args = ["evaluate"] + [x for kv in base.items() for x in kv]
