@@ -144,15 +144,24 @@ def actor_layout(ray, actors=None) -> tuple:
     """(actors, CPUs each, GPUs each): one actor per GPU where the cluster has GPUs, else one per node, each with
     that node's CPUs; `actors` overrides the count (sharing GPUs or CPUs, fractionally, when over them)."""
     resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     gpus = int(resources.get("GPU", 0))
-    if gpus:
+    if gpus:  # each actor also gets its share of its GPU node's CPUs (entropy coding, a CPU backend's work)
         count = actors or gpus
-        return count, 1.0, min(1.0, gpus / count)
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+        share = min(1.0, gpus / count)
+        ratio = min((n["Resources"].get("CPU", 0) / n["Resources"]["GPU"] for n in nodes
+                     if n.get("Resources", {}).get("GPU", 0) > 0), default=1.0)
+        return count, _cpus(ratio * share), share
+    nodes = [n for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
     cpus = resources.get("CPU", 1.0)
     count = actors or max(1, len(nodes))
     smallest = min((n["Resources"]["CPU"] for n in nodes), default=cpus)
-    return count, min(smallest, max(cpus / count, 0.01)), 0.0
+    return count, _cpus(min(smallest, cpus / count)), 0.0
+
+
+def _cpus(share: float) -> float:
+    """A CPU request Ray can place: whole CPUs where there is at least one to share, else the fraction."""
+    return float(int(share)) if share >= 1 else max(share, 0.01)
 
 
 # --- inputs and plan ------------------------------------------------------------------------------------------

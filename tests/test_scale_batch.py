@@ -287,3 +287,28 @@ def test_spread_gives_every_actor_a_batch():
     assert [len(c) for c in batch.spread(items, 8, 2)] == [3, 2]
     assert [len(c) for c in batch.spread(items, 8, 3)] == [2, 2, 1]
     assert [len(c) for c in batch.spread(items, 8, 9)] == [1] * 5  # never more batches than items
+
+
+def test_actor_layout_on_the_local_cluster(cluster):
+    assert batch.actor_layout(cluster) == (1, 2.0, 0.0)  # one node: one actor with its 2 CPUs
+    assert batch.actor_layout(cluster, 2) == (2, 1.0, 0.0)
+    assert batch.actor_layout(cluster, 4) == (4, 0.5, 0.0)  # more actors than CPUs: fractional shares
+
+
+class _GpuCluster:
+    """A stand-in for the two calls actor_layout makes (cluster_resources, nodes), describing two nodes with
+    16 CPUs and 2 GPUs each: it checks the GPU arithmetic this CPU-only machine cannot reach, not Ray."""
+
+    node = {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 2.0}}
+
+    def cluster_resources(self):
+        return {"CPU": 32.0, "GPU": 4.0}
+
+    def nodes(self):
+        return [self.node, self.node, {"Alive": False, "Resources": {"CPU": 64.0}}]
+
+
+def test_actor_layout_one_actor_per_gpu():
+    assert batch.actor_layout(_GpuCluster()) == (4, 8.0, 1.0)  # one per GPU, with its share of the node's CPUs
+    assert batch.actor_layout(_GpuCluster(), 8) == (8, 4.0, 0.5)  # two actors per GPU
+    assert batch.actor_layout(_GpuCluster(), 2) == (2, 8.0, 1.0)
