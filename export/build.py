@@ -384,7 +384,8 @@ def build(artifacts, out, precision: str = "fp16", flavor_name: str = "auto", ov
 
 def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, model: dict, seed: int = 0) -> dict:
     """`compare_graphs` on seeded inputs at the profile's opt shapes; token ids and indices are drawn
-    within the model's vocabulary and codebook (`model`: the manifest's model entry)."""
+    within the graph's vocabulary (its entry's, e.g. T5's, else the caption tokenizer's) and the codebook
+    (`model`: the manifest's model entry)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -392,7 +393,8 @@ def graph_error(reference: Path, candidate: Path, entry: dict, shapes: dict, mod
     for inp in entry["inputs"]:
         shape = shapes[inp["name"]]["opt"]
         if inp["name"].startswith("input_ids"):
-            feed[inp["name"]] = rng.integers(0, model["tokens"]["vocab_size"], shape).astype(np.int64)
+            vocab = entry.get("vocab_size", model["tokens"]["vocab_size"])
+            feed[inp["name"]] = rng.integers(0, vocab, shape).astype(np.int64)
         elif inp["name"] == "indices":
             feed[inp["name"]] = rng.integers(0, model["codebook_size"], shape).astype(np.int64)
         elif inp["name"] == "timestep":

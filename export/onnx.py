@@ -88,6 +88,8 @@ def export_model(model_dir, out_dir, opset: int = DEFAULT_OPSET, profile: Profil
             args = sample_inputs(name, sizes, graph_vocab_size(info, name), info.rate.codebook_size, contract=contract)
             entries[name] = _export_graph(module, name, args, out, key, opset, sizes, log, contract)
             entries[name]["export_seconds"] = round(time.perf_counter() - start, 3)
+            if any(n.startswith("input_ids") for n, _, _ in contract[name].inputs):  # its own vocabulary (T5's)
+                entries[name]["vocab_size"] = graph_vocab_size(info, name)
         del graphs
         gc.collect()
     entries = {name: entries[name] for name in contract}

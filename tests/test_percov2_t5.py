@@ -204,11 +204,14 @@ def test_tensorrt_rtx_builds_the_t5_graph(t5_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx)")
     from perco.export import build as trt_build
 
-    out = tmp_path / "fp32"
-    trt_build.build(t5_artifacts, out, "fp32", "tensorrt-rtx", log=lambda text: None, graphs=[T5.component],
+    out = tmp_path / "fp16"  # an FP16 graph is checked against FP32 on ids drawn from T5's own vocabulary
+    trt_build.build(t5_artifacts, out, "fp16", "tensorrt-rtx", log=lambda text: None, graphs=[T5.component],
                     overrides={"batch": (1, 1, 2), "height": (64, 128, 256), "width": (64, 128, 256)})
     manifest = json.loads((out / "engines.json").read_text())
     assert set(manifest["graphs"]) == {T5.component} and (out / manifest["graphs"][T5.component]["file"]).is_file()
+    exported = json.loads((t5_artifacts / "manifest.json").read_text())["graphs"]
+    assert exported[T5.component]["vocab_size"] < exported["text_encoder"]["vocab_size"]
+    assert manifest["graphs"][T5.component]["vs_fp32"]["value"] < 0.05
     assert (out / manifest["tokenizer"] / T5.tokenizer / "tokenizer.json").is_file()  # engines are self-contained
 
 
