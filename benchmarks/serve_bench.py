@@ -106,7 +106,8 @@ def load(host: str, port: int, bodies: list, concurrency: int, requests: int, pa
 
 def direct(codec, bodies: list, requests: int, steps: int, batch: int) -> list:
     """The reference rows: decompress one by one, and decompress_batch in batches of `batch` (warmed up first)."""
-    codec.decompress(bodies[0], steps=steps)
+    for data in bodies[:3]:
+        codec.decompress(data, steps=steps)
     codec.decompress_batch(bodies[:batch], steps=steps)
     latencies = []
     start = time.perf_counter()
@@ -115,30 +116,33 @@ def direct(codec, bodies: list, requests: int, steps: int, batch: int) -> list:
         codec.decompress(bodies[i % len(bodies)], steps=steps)
         latencies.append(time.perf_counter() - t)
     one = summarize(latencies, time.perf_counter() - start, requests)
-    latencies, done = [], 0
+    latencies, sizes = [], []
     start = time.perf_counter()
-    while done < requests:
-        n = min(batch, requests - done)
+    while len(latencies) < requests:
+        n = min(batch, requests - len(latencies))
         t = time.perf_counter()
-        codec.decompress_batch([bodies[(done + k) % len(bodies)] for k in range(n)], steps=steps)
+        codec.decompress_batch([bodies[(len(latencies) + k) % len(bodies)] for k in range(n)], steps=steps)
         latencies += [time.perf_counter() - t] * n  # every image of a batch waits for the whole batch
-        done += n
+        sizes += [n] * n
     batched = summarize(latencies, time.perf_counter() - start, requests)
     return [{"mode": "direct decompress", "concurrency": 1, "mean_batch": 1.0, **one},
-            {"mode": f"direct decompress_batch({batch})", "concurrency": 1, "mean_batch": float(batch), **batched}]
+            {"mode": f"direct decompress_batch({batch})", "concurrency": 1, "mean_batch": float(np.mean(sizes)),
+             **batched}]
 
 
-def machine() -> dict:
+def machine(loadavg_before: tuple) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     info = {"platform": platform.platform(), "machine": platform.machine(), "cores": os.cpu_count(),
             "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+            "python": platform.python_version(), "loadavg_before": [round(x, 2) for x in loadavg_before]}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor() or "unknown"
+    if "torch" in sys.modules:
+        info["torch_threads_direct"] = sys.modules["torch"].get_num_threads()
     for package in ("ray", "torch", "numpy"):
         try:
             info[package] = version(package)
@@ -216,13 +220,14 @@ def main(argv=None) -> int:
     from perco.engine.cli import main as perco
     from perco.scale.serve import ServeOptions, deploy
 
-    info = machine()
+    loadavg_before = os.getloadavg()  # before this run's own work (init-tiny, the codec) adds to it
     width, height = args.size
     with tempfile.TemporaryDirectory(prefix="perco-serve-bench-") as tmp:
         model = Path(tmp) / "tiny"
         if perco(["init-tiny", str(model)]) != 0:
             return 1
         codec = Codec.from_pretrained(model, backend="torch")
+        info = machine(loadavg_before)  # after the codec: torch's thread count is known
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         bodies = [codec.compress(image, caption="a red barn on a green hill", seed=s) for s in range(16)]

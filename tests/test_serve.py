@@ -290,19 +290,21 @@ def test_overload_gets_503_quickly_and_the_server_recovers(server, codec, stream
     _close(_png(body), codec.decompress(data, steps=2))
 
 
-def test_bench_load_against_the_server(server, streams):
-    from perco.benchmarks.serve_bench import load, markdown, summarize
+def test_bench_rows_against_the_server(server, codec, streams):
+    from perco.benchmarks.serve_bench import direct, load, markdown
 
     row = load("127.0.0.1", server.port, streams["96x64"][:2], concurrency=2, requests=4)
     assert row["statuses"] == {"200": 4} and row["requests"] == 4
     assert 0 < row["p50_ms"] <= row["p99_ms"] and row["throughput_rps"] > 0 and row["mean_batch"] >= 1
-    direct = {"mode": "direct decompress", "concurrency": 1, "mean_batch": 1.0, **summarize([0.01, 0.02], 0.03, 2)}
+    one, batched = direct(codec, streams["64x64"][:3], requests=3, steps=1, batch=2)
+    assert one["requests"] == batched["requests"] == 3 and batched["mean_batch"] == pytest.approx(5 / 3)
+    assert 0 < one["p50_ms"] <= one["p99_ms"] and batched["throughput_rps"] > 0
     machine = {"cpu": "test", "cores": 2, "cores_usable": 2, "platform": "linux", "python": "3", "ray": "2",
                "torch": "2", "loadavg_before": [1.5, 1.0, 1.0], "loadavg_after": [1.0, 1.0, 1.0]}
     config = {"width": 96, "height": 64, "steps": 2, "requests": 4, "max_batch": 4, "batch_wait_ms": 200.0,
               "max_queue": 2, "replicas": 1, "replica_cpus": 1.0}
     text = markdown({"command": "test", "machine": machine, "config": config,
-                     "rows": [direct, {"mode": "perco serve", **row}]})
+                     "rows": [one, batched, {"mode": "perco serve", **row}]})
     assert "**Measured on a loaded machine**" in text and "| perco serve | 2 |" in text
 
 
