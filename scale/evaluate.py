@@ -326,11 +326,30 @@ def write_report(folder: Path, report: dict) -> None:
     from perco.engine.files import atomic_write
 
     try:
+        image = plot(report)
+        report["plot"] = {"file": REPORT_PLOT, "note": None}
+    except ImportError:  # the plot needs matplotlib; the JSON and markdown are the results
+        image = None
+        report["plot"] = {"file": None, "note": "no plot: matplotlib is not installed (pip install matplotlib)"}
+    report = _finite(report)
+    try:
         atomic_write(folder / REPORT_JSON, (json.dumps(report, indent=1, allow_nan=False) + "\n").encode())
         atomic_write(folder / REPORT_MD, markdown(report).encode())
-        atomic_write(folder / REPORT_PLOT, plot(report))
+        if image is not None:
+            atomic_write(folder / REPORT_PLOT, image)
     except OSError as exc:
         raise OutputError(f"cannot write the report into {folder}: {exc.strerror or exc}") from None
+
+
+def _finite(value):
+    """The report with every non-finite float as None (standard JSON; the metrics note why a value is missing)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _fmt(value, digits=3) -> str:
@@ -380,7 +399,8 @@ def markdown(report: dict) -> str:
     settings = report["settings"]
     lines += ["", f"Settings: backend {settings['backend'] or 'default'}, steps {settings['steps'] or 'default'}, "
                   f"seed {settings['seed']}; metrics on {metrics['device']}; {report['seconds']:.1f} s. "
-                  f"Plot: `{REPORT_PLOT}`; every value and image: `{REPORT_JSON}`."]
+                  f"Plot: {'`' + REPORT_PLOT + '`' if report['plot']['file'] else report['plot']['note']}; every "
+                  f"value and image: `{REPORT_JSON}`."]
     if images["count"] <= MAX_MARKDOWN_IMAGES:
         per_image = [n for n in computed if n in ("psnr", "ms_ssim", "lpips", "clip_score")]
         for result in report["models"]:

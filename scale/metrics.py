@@ -291,8 +291,12 @@ class MetricSuite:
                     if metric is not None:
                         metric.update(x, real=False)
         for name in PER_IMAGE:
-            if out.get(name) is not None:
-                self._values[name].append(out[name])
+            value = out.get(name)
+            if value is not None and not math.isfinite(value):  # a NaN (or an inf other than PSNR's)
+                out[name] = None
+                self._notes[name] = f"{name} was not a finite number for some images: they are left out of the mean"
+            elif value is not None:
+                self._values[name].append(value)
         return out
 
     def summary(self) -> dict:
@@ -318,6 +322,9 @@ class MetricSuite:
                 continue
             if name == "fid":
                 result["fid"] = float(metric.compute())
+                if not math.isfinite(result["fid"]):
+                    result["fid"] = None
+                    notes["fid"] = "FID was not a finite number (a degenerate covariance)"
             else:
                 metric.subset_size = min(KID_SUBSET_SIZE, self.real_count, n_fake)
                 with torch.random.fork_rng(devices=[]):

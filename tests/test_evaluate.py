@@ -258,3 +258,25 @@ def test_module_imports_stay_light():
             "heavy = [n for n in ('torch', 'torchmetrics', 'ray', 'transformers') if n in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_report_writer_inf_nan_and_no_matplotlib(ray_run, tmp_path, monkeypatch):
+    """write_report on the Ray run's report, edited: an identical image shows as inf in the markdown, a NaN
+    becomes null in standard JSON, and without matplotlib the report says there is no plot."""
+    from perco.scale.evaluate import write_report
+
+    report = _strict_json(ray_run["out"] / REPORT_JSON)
+    row = report["models"][0]["images"][0]
+    row.update(psnr=None, identical=True)
+    report["models"][1]["metrics"]["fid"] = float("nan")
+    write_report(tmp_path, report)
+    assert f"| {row['image']} | {SIDE}x{SIDE} | {row['bytes']} | {row['bpp']:.4f} | inf |" in \
+        (tmp_path / REPORT_MD).read_text()
+    written = _strict_json(tmp_path / REPORT_JSON)
+    assert written["models"][1]["metrics"]["fid"] is None and written["plot"]["file"] == REPORT_PLOT
+    (tmp_path / REPORT_PLOT).unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    write_report(tmp_path, report)
+    assert not (tmp_path / REPORT_PLOT).exists()
+    assert "matplotlib is not installed" in _strict_json(tmp_path / REPORT_JSON)["plot"]["note"]
+    assert "matplotlib is not installed" in (tmp_path / REPORT_MD).read_text()
