@@ -168,6 +168,8 @@ def evaluate(images, output, models=None, *, captions=None, metrics_models=None,
 
         models = [str(default_model(progress=progress))]
     specs = [ModelInfo.open(model).spec for model in models]  # a missing or broken model fails before any work
+    device = _device(device)
+    suite = _open_suite(m, chosen, metrics_models, device, seed)  # broken networks fail before any coding
     report_dir = _report_folder(output)
     from perco.scale.batch import ray_session, run_job
 
@@ -178,7 +180,6 @@ def evaluate(images, output, models=None, *, captions=None, metrics_models=None,
             print(f"warning: not computed: {names}: {reason}", file=sys.stderr)
         if stand_ins:
             print(f"warning: {m.STAND_IN_WARNING}", file=sys.stderr)
-    device = device or _default_device()
     runs = []
     with ray_session(address):
         for model, spec in zip(models, specs):
@@ -194,7 +195,6 @@ def evaluate(images, output, models=None, *, captions=None, metrics_models=None,
                                              report=decoded.parent / f"{decoded.name}.json",
                                              decode_options={"steps": steps}, **common)
             runs.append({"model": str(model), "spec": spec, "coded": coded, "decoded": decoded, "jobs": jobs})
-    suite = m.MetricSuite(chosen, metrics_models, device=device, seed=seed)
     results = []
     for number, run in enumerate(runs):
         results.append(_score_model(run, paths, caption_map, suite, first=number == 0, progress=progress))
@@ -238,10 +238,28 @@ def _report_folder(output) -> Path:
     return folder
 
 
-def _default_device() -> str:
+def _device(device) -> str:
+    """--device, else cuda when torch sees a GPU, else cpu; cuda without a GPU is an error."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PercoError("--device cuda: torch sees no CUDA GPU here (use --device cpu)")
+    return device
+
+
+def _open_suite(m, chosen: list, folder, device: str, seed: int):
+    """The MetricSuite; a network file that exists but does not load is one line naming the folder."""
+    try:
+        return m.MetricSuite(chosen, folder, device=device, seed=seed)
+    except PercoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.jit.load / from_pretrained on a broken file: one line
+        lines = str(exc).strip().splitlines()
+        detail = " ".join(lines[0].split())[:300] if lines else type(exc).__name__
+        raise PercoError(f"cannot load the metric networks of {folder} ({', '.join(chosen)}): "
+                         f"{type(exc).__name__}: {detail}") from None
 
 
 def _score_model(run: dict, paths: list, captions: dict, suite, first: bool, progress: bool) -> dict:
@@ -276,6 +294,11 @@ def _score_model(run: dict, paths: list, captions: dict, suite, first: bool, pro
             row.update(suite.add_pair(original, load_image(decoded_path), captions[path.name]))
         except PercoError as exc:
             failed[path.stem] = {"image": path.name, "stage": "metrics", "error": str(exc)}
+            continue
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            detail = " ".join(str(exc).split())[:300]
+            failed[path.stem] = {"image": path.name, "stage": "metrics",
+                                 "error": f"internal error ({type(exc).__name__}: {detail})"}
             continue
         rows.append(row)
         bpps.append(row["bpp"])

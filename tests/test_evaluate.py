@@ -280,3 +280,22 @@ def test_report_writer_inf_nan_and_no_matplotlib(ray_run, tmp_path, monkeypatch)
     assert not (tmp_path / REPORT_PLOT).exists()
     assert "matplotlib is not installed" in _strict_json(tmp_path / REPORT_JSON)["plot"]["note"]
     assert "matplotlib is not installed" in (tmp_path / REPORT_MD).read_text()
+
+
+def test_broken_network_and_missing_gpu_fail_before_any_work(metric_stand_ins, image_folder, tiny_model, tmp_path,
+                                                             capsys):
+    import torch
+
+    broken = tmp_path / "metrics"
+    shutil.copytree(metric_stand_ins, broken)
+    (broken / m.INCEPTION_FILE).write_bytes(b"not a TorchScript archive")
+    args = ["evaluate", "--images", str(image_folder), "-o", str(tmp_path / "report"), "--model", str(tiny_model),
+            "--metrics-models", str(broken), "--metrics", "psnr,fid"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot load the metric networks of") and "fid" in err[0], err
+    assert not (tmp_path / "report").exists()
+    if not torch.cuda.is_available():
+        assert main(args[:-4] + ["--device", "cuda"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "torch sees no CUDA GPU" in err[0], err
