@@ -495,7 +495,7 @@ def cmd_serve(args) -> None:
     if not args.verbose:  # Serve's driver-side progress lines; errors still show
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C: through the cleanup below
-    started_ray = started_serve = ready = False
+    started_ray = started_serve = deployed = ready = False
     try:
         if not ray.is_initialized():
             extra = {"include_dashboard": False} if args.address == "local" else {}
@@ -505,12 +505,14 @@ def cmd_serve(args) -> None:
             signal.signal(signal.SIGTERM, _interrupt)  # again: Ray's core worker put its own crash reporter there
         _check_resources(ray, options, args.address == "local")
         started_serve = not serve.status().proxies
+        deployed = True  # from here on, stopping removes the application, even one half deployed
         deploy(options, args.host, args.port, verbose=args.verbose)
-        if not args.quiet:
-            host = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"perco serve: http://{host}:{args.port} (POST /decode, GET /health; {options.replicas} "
-                  f"replica(s), batches of up to {options.max_batch}); Ctrl-C to stop", flush=True)
         ready = True
+        host, port = _http_address(args.host, args.port)
+        if not args.quiet:
+            host = f"[{host}]" if ":" in host else host
+            print(f"perco serve: http://{host}:{port} (POST /decode, GET /health; {options.replicas} "
+                  f"replica(s), batches of up to {options.max_batch}); Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -523,12 +525,27 @@ def cmd_serve(args) -> None:
         try:
             if started_serve:
                 serve.shutdown()
-            elif ready:
+            elif deployed:
                 serve.delete(APP_NAME)  # Serve was already running on the cluster: leave the rest of it alone
         finally:
             if started_ray:
                 ray.shutdown()
             signal.signal(signal.SIGTERM, previous)
+
+
+def _http_address(host: str, port: int) -> tuple:
+    """(host, port) Serve's proxies really listen on: a Serve already running on the cluster keeps its own."""
+    try:
+        from ray.serve.context import _get_global_client  # Serve has no public getter for its HTTP options
+
+        config = _get_global_client().http_config
+        actual = (config.host, config.port)
+    except (ImportError, AttributeError):
+        return host, port
+    if actual != (host, port):
+        print(f"warning: Serve already runs on this cluster, listening on {actual[0]}:{actual[1]}; --host and "
+              f"--port do not apply (stop Serve first to change them)", file=sys.stderr)
+    return actual
 
 
 def _interrupt(signum, frame):
