@@ -61,6 +61,7 @@ class ServeOptions:
     guidance_stop: int = 0
     replicas: int = 1
     replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
 
     @property
     def max_ongoing(self) -> int:
@@ -362,7 +363,7 @@ def build_app(options: ServeOptions):
         num_replicas=options.replicas,
         max_ongoing_requests=options.max_ongoing,
         max_queued_requests=options.max_queue,
-        ray_actor_options={"num_cpus": options.replica_cpus},
+        ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
     )(DecodeServer)
     return deployment.bind(asdict(options))
 
@@ -407,6 +408,9 @@ def add_commands(sub) -> dict:
     p.add_argument("--replicas", type=_positive, default=1, metavar="N", help="decoder replicas (default: 1)")
     p.add_argument("--replica-cpus", type=_cpus, default=1.0, metavar="N",
                    help="CPUs reserved per replica; also its OpenMP thread count (default: 1)")
+    p.add_argument("--replica-gpus", type=_gpus, default=0.0, metavar="N",
+                   help="GPUs per replica, for --backend tensorrt or a CUDA provider (default: 0; a fraction shares "
+                        "one GPU between replicas)")
     p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH, metavar="N",
                    help=f"most requests decoded together (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--batch-wait-ms", type=_wait_ms, default=DEFAULT_BATCH_WAIT_MS, metavar="MS",
@@ -440,6 +444,16 @@ def _cpus(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number of CPUs, got {text!r}")
+    return value
+
+
+def _gpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs, 0 or more, got {text!r}")
     return value
 
 
@@ -480,7 +494,7 @@ def options_from_args(args) -> ServeOptions:
         max_pixels=args.max_pixels, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue, max_steps=args.max_steps, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, guidance_stop=args.guidance_stop, replicas=args.replicas,
-        replica_cpus=args.replica_cpus,
+        replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
     )
 
 
@@ -520,7 +534,7 @@ def cmd_serve(args) -> None:
             raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
-        if not args.quiet and (ready or started_ray):
+        if not args.quiet and ready:
             print("perco serve: stopping", file=sys.stderr, flush=True)
         try:
             if started_serve:
@@ -555,12 +569,16 @@ def _interrupt(signum, frame):
 def _check_resources(ray, options: ServeOptions, local: bool) -> None:
     """A local cluster that cannot place every replica would wait forever: refuse; elsewhere an autoscaler may add
     nodes, so only warn."""
-    cpus = ray.cluster_resources().get("CPU", 0)
-    need = options.replicas * options.replica_cpus
-    if need <= cpus:
+    resources = ray.cluster_resources()
+    short = [(what, options.replicas * per, resources.get(what, 0))
+             for what, per in (("CPU", options.replica_cpus), ("GPU", options.replica_gpus))
+             if options.replicas * per > resources.get(what, 0)]
+    if not short:
         return
-    message = (f"{options.replicas} replica(s) x {options.replica_cpus:g} CPUs need {need:g} CPUs, the cluster has "
-               f"{cpus:g}: lower --replicas or --replica-cpus")
+    what, need, has = short[0]
+    flag = "--replica-cpus" if what == "CPU" else "--replica-gpus"
+    message = (f"{options.replicas} replica(s) need {need:g} {what}(s), the cluster has {has:g}: lower --replicas or "
+               f"{flag}")
     if local:
         raise UsageError(message)
     print(f"warning: {message} (waiting for the cluster to grow)", file=sys.stderr)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -328,6 +329,17 @@ def test_serve_flag_errors_are_one_line(tiny_model, capsys, tmp_path):
     assert main(["serve", "--model", str(tiny_model), "--sampler", "flow-euler"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_local_cluster_too_small_for_the_replicas_is_refused(tiny_model):
+    # runs after the module's server has stopped: a second local cluster, started and stopped by the command
+    cmd = [sys.executable, "-m", "perco.engine.cli", "serve", "--model", str(tiny_model), "--port", str(_free_port()),
+           "--replica-cpus", "100000"]  # more than any machine has, so this test means the same everywhere
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=STARTUP_S)
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(r"error: 1 replica\(s\) need 100000 CPU\(s\), the cluster has \d+: lower --replicas or "
+                        r"--replica-cpus", done.stderr.strip().splitlines()[-1]), done.stderr
+    assert done.stdout == ""
 
 
 def test_serve_without_ray_names_the_extra(tiny_model, capsys, monkeypatch):
