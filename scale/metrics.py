@@ -366,6 +366,8 @@ def write_stand_ins(folder, tokenizer_dir, seed: int = 0, features: int = INCEPT
       tests (FID's eigen-decomposition of 2048x2048 matrices takes a minute on a small CPU); the call is the same.
     - clip/: a random transformers CLIPModel (2-layer, 32-wide towers, 32x32 images) saved with
       save_pretrained, the CLIP tokenizer from `tokenizer_dir` and a CLIPImageProcessor (CLIPProcessor).
+      Its image projection's sign is chosen so that scores come out above torchmetrics' clamp at 0
+      (so tests can compare them), not because they mean anything.
     There is no LPIPS stand-in: torchvision's AlexNet checkpoint is 233 MB even with random values.
     """
     require_torchmetrics()
@@ -419,7 +421,14 @@ def _write_clip_stand_in(folder: Path, tokenizer_dir: Path, seed: int) -> None:
         vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=16)
     torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    with torch.no_grad():  # random towers share one dominant direction: give it the sign that makes scores > 0
+        image = model.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32))
+        text = model.get_text_features(**tokenizer(["a photo"], return_tensors="pt"))
+        image, text = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (image, text))
+        if float(torch.nn.functional.cosine_similarity(image, text)) < 0:
+            model.visual_projection.weight.neg_()
     with _quiet_transformers():
-        CLIPModel(config).eval().save_pretrained(folder)
+        model.save_pretrained(folder)
         processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)

@@ -70,7 +70,7 @@ def ray_run(tmp_path_factory, tiny_model, builtin_tokenizer_model, metric_stand_
     return {"code": code, "out": out, "argv": argv, "stderr": err.getvalue()}
 
 
-def test_report_files_rate_and_psnr(ray_run, image_folder, tiny_model, builtin_tokenizer_model):
+def test_report_files_rate_and_psnr(ray_run, image_folder, tiny_model, builtin_tokenizer_model, metric_stand_ins):
     out = ray_run["out"]
     assert ray_run["code"] == 1  # broken.png failed: the report is complete, the exit code says so
     error_lines = [line for line in ray_run["stderr"].splitlines() if line.startswith("error:")]
@@ -105,11 +105,35 @@ def test_report_files_rate_and_psnr(ray_run, image_folder, tiny_model, builtin_t
     assert low < high  # two rates: two points per metric on the plot
     captions = {r["image"]: r["caption"] for r in report["models"][0]["images"]}
     assert captions == {"im0.png": "a red barn on a hill", "im1.png": "a cat", "im2.png": ""}
+    _check_clip_scores(report["models"][0], out, metric_stand_ins)
     if "lpips" in report["metrics"]["unavailable"]:
         assert "torchvision" in report["metrics"]["unavailable"]["lpips"] or \
             "alexnet" in report["metrics"]["unavailable"]["lpips"]
     else:
         assert isinstance(report["models"][0]["metrics"]["lpips"], float)
+
+
+def _check_clip_scores(result, out, stand_ins):
+    """Each image's CLIP score is 100 * max(cos, 0) of ITS decoded image and ITS caption, recomputed with
+    transformers directly from the stand-in folder (random network: the values themselves mean nothing)."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(stand_ins / m.CLIP_FOLDER).eval()
+    processor = CLIPProcessor.from_pretrained(stand_ins / m.CLIP_FOLDER)
+    scores = []
+    for row in result["images"]:
+        decoded = np.asarray(Image.open(out / "work" / result["work"]["decoded"] / row["image"]).convert("RGB"))
+        inputs = processor(text=[row["caption"]], images=[decoded], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            image = model.get_image_features(pixel_values=inputs["pixel_values"])
+            text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image, text = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (image, text))
+        expected = max(100 * float(torch.nn.functional.cosine_similarity(image, text)), 0.0)
+        assert row["clip_score"] == pytest.approx(expected, abs=1e-3), row
+        scores.append(row["clip_score"])
+    assert min(scores) > 0 and len(set(scores)) == len(scores)
+    assert result["metrics"]["clip_score"] == pytest.approx(np.mean(scores), abs=1e-4)
 
 
 def test_rerun_resumes_and_missing_metrics_folder(ray_run, tmp_path):
