@@ -323,3 +323,37 @@ def test_broken_network_and_missing_gpu_fail_before_any_work(metric_stand_ins, i
         assert main(args[:-4] + ["--device", "cuda"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "torch sees no CUDA GPU" in err[0], err
+
+
+def test_fid_and_kid_match_numpy_on_the_stand_in_features(metric_stand_ins):
+    """FID and KID through torchmetrics and the Inception wrapper equal a numpy computation on the same
+    network's features of the clean-resized images (the stand-in network: the values are meaningless)."""
+    import torch
+
+    originals = [random_image(96, 128, seed=s) for s in range(6)]
+    decoded = [np.clip(o.astype(int) * 3 // 4 + 40, 0, 255).astype(np.uint8) for o in originals]
+    suite = m.MetricSuite(["fid", "kid"], metric_stand_ins)
+    for o, d in zip(originals, decoded):
+        suite.add_real(o)
+        suite.add_pair(o, d)
+    got = suite.summary()
+    net = torch.jit.load(str(metric_stand_ins / m.INCEPTION_FILE))
+
+    def features(images):
+        x = torch.from_numpy(np.stack([m.clean_resize(i) for i in images]))
+        with torch.no_grad():
+            return net(x, return_features=True).double().numpy()  # [N, 64]
+
+    real, fake = features(originals), features(decoded)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    fid = ((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert got["fid"] == pytest.approx(fid, rel=1e-3, abs=1e-6)
+
+    def kernel(a, b):
+        return (a @ b.T / a.shape[1] + 1) ** 3
+
+    n = len(originals)  # every subset holds all images: KID is exact, its std 0
+    off = (1 - np.eye(n)).astype(bool)
+    kid = kernel(real, real)[off].mean() + kernel(fake, fake)[off].mean() - 2 * kernel(real, fake).mean()
+    assert got["kid"] == pytest.approx(kid, rel=1e-3, abs=1e-7) and got["kid_std"] == pytest.approx(0, abs=1e-6)
