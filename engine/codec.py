@@ -201,27 +201,46 @@ class Codec:
         """
         if not datas:
             return []
-        self.timings = t = StageTimings()
-        with t.stage("entropy_decode"):
-            decoded = [bitstream.unpack(data, self.model.stream_spec, self.backend) for data in datas]
+        timings = StageTimings()
+        with timings.stage("entropy_decode"):
+            decoded = [self.unpack(data) for data in datas]
+        return self.decompress_unpacked(decoded, steps, guidance, sampler, guidance_stop, progress, timings)
+
+    def unpack(self, data: bytes) -> tuple:
+        """Bitstream bytes -> (Header, caption content ids, indices [rows, cols]), checked against this model
+        (BitstreamError; ModelMismatchError for another model's). What `decompress_unpacked` takes: a server
+        checks each request once and decodes the valid ones together."""
+        return bitstream.unpack(data, self.model.stream_spec, self.backend)
+
+    def decode_settings(self, hints: Hints, steps: Optional[int] = None, guidance: Optional[float] = None) -> tuple:
+        """(steps, guidance) a decode runs with: the arguments, else the bitstream's hints, else the model's
+        defaults. PercoError for a guidance outside 0..MAX_GUIDANCE."""
+        steps = steps or hints.steps or self.model.default_steps
+        if guidance is None:
+            guidance = hints.guidance if hints.guidance is not None else self.model.family_def.guidance
+        return steps, check_guidance(guidance)
+
+    def decompress_unpacked(self, decoded: list, steps: Optional[int] = None, guidance: Optional[float] = None,
+                            sampler: Optional[str] = None, guidance_stop: int = 0, progress: bool = False,
+                            timings: Optional[StageTimings] = None) -> list:
+        """`decompress_batch` on what `unpack` returned, [(header, caption ids, indices), ...] of one image size."""
+        if not decoded:
+            return []
+        self.timings = t = timings if timings is not None else StageTimings()
         headers = [header for header, _, _ in decoded]
         sizes = {(h.width, h.height) for h in headers}
         if len(sizes) > 1:
             raise PercoError(f"a batch must hold images of one size, got {sorted(sizes)}")
         self.check_size(headers[0].width, headers[0].height)
-        hints = headers[0].hints
-        steps = steps or hints.steps or self.model.default_steps
+        steps, guidance = self.decode_settings(headers[0].hints, steps, guidance)
         family = self.model.family_def
-        if guidance is None:
-            guidance = hints.guidance if hints.guidance is not None else family.guidance
-        check_guidance(guidance)
         try:
             schedule = make_sampler(sampler, self.model.schedule, steps)
         except ValueError as exc:
             raise PercoError(str(exc)) from None
         if not 0 <= guidance_stop <= steps:
             raise PercoError(f"guidance_stop must be in 0..{steps} (the step count), got {guidance_stop}")
-        batch = len(datas)
+        batch = len(decoded)
 
         with t.stage("text_encode"):  # the family's text outputs, e.g. {text_embeddings: [B, 77, D]}
             cond = self._encode_text([caption for _, caption, _ in decoded])

@@ -8,7 +8,7 @@ the decode limit, the settings) before it joins a batch, so a bad request gets i
 bad bitstream or parameter, 409 a bitstream for another model, 413 a body over the largest valid
 bitstream, 422 over this server's decode limits) and never fails its batch-mates. Valid requests
 are collected by `serve.batch` (up to --max-batch, waiting at most --batch-wait-ms), grouped by
-(image size, steps, guidance) and decoded with one `Codec.decompress_batch` call per group. Queues
+(image size, steps, guidance) and decoded with one `Codec.decompress_unpacked` call per group (the checked requests are not entropy-decoded again). Queues
 are bounded: a replica holds at most 2 x --max-batch requests (one batch decoding, one filling) and
 each proxy queues at most --max-queue more; beyond that Serve answers 503 at once. docs/serve.md.
 
@@ -93,14 +93,15 @@ def status_for(exc: Exception) -> int:
 
 @dataclass
 class _Job:
-    """One checked request waiting for its batch; `key` is what a decompress_batch call must share."""
+    """One checked request waiting for its batch; `key` is what a decompress_unpacked call must share."""
 
-    data: bytes
+    unpacked: tuple  # Codec.unpack's (header, caption ids, indices): the entropy decode is done once, here
     width: int
     height: int
     steps: int
     guidance: float
     enqueued: float  # perf_counter when it joined the batch queue
+    entropy_s: float = 0.0  # its entropy decode, in the check
 
     @property
     def key(self) -> tuple:
@@ -110,8 +111,8 @@ class _Job:
 @dataclass
 class _Decoded:
     image: object  # uint8 [H, W, 3]
-    batch_size: int  # images in the decompress_batch call that decoded it
-    queue_s: float  # from joining the queue to its decompress_batch call starting
+    batch_size: int  # images in the decompress_unpacked call that decoded it
+    queue_s: float  # from joining the queue to its decompress_unpacked call starting
     stages: dict  # the call's Codec.timings (seconds per stage, for the whole batch)
 
 
@@ -213,7 +214,8 @@ class DecodeServer:
         png_start = time.perf_counter()
         png = await loop.run_in_executor(self._io, _png_bytes, decoded.image)
         end = time.perf_counter()
-        timing = [("queue", decoded.queue_s), ("check", checked - start), *decoded.stages.items(),
+        timing = [("check", checked - start), ("entropy_decode", job.entropy_s), ("queue", decoded.queue_s),
+                  *decoded.stages.items(),
                   ("png", end - png_start), ("total", end - start)]
         headers = {
             "Server-Timing": ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in timing),
@@ -256,28 +258,28 @@ class DecodeServer:
         `perco decompress`, where flags override hints); guidance likewise.
         """
         from perco.engine import bitstream
-        from perco.engine.codec import check_guidance
 
         o, spec = self.options, self.codec.model
-        backend = self.codec.backend if self._check_on_codec_thread else None
+        started = time.perf_counter()
         try:
-            header = bitstream.unpack(data, spec.stream_spec, backend)[0]
+            if self._check_on_codec_thread:  # a learned entropy model runs on the backend: only on its thread
+                unpacked = self.codec.unpack(data)
+            else:
+                unpacked = bitstream.unpack(data, spec.stream_spec)
+            header, entropy_s = unpacked[0], time.perf_counter() - started
             self.codec.check_size(header.width, header.height)
-            if steps is None:
-                steps = o.steps or header.hints.steps or spec.default_steps
-                if steps > o.max_steps:
-                    raise PercoError(f"this bitstream asks for {steps} steps, over this server's limit of "
-                                     f"{o.max_steps}: ask for fewer with ?steps=N")
-            if guidance is None:
-                guidance = next(g for g in (o.guidance, header.hints.guidance, spec.family_def.guidance)
-                                if g is not None)
-                check_guidance(guidance)
+            asked = steps
+            steps, guidance = self.codec.decode_settings(header.hints, steps or o.steps,
+                                                         guidance if guidance is not None else o.guidance)
+            if asked is None and steps > o.max_steps:
+                raise PercoError(f"this bitstream asks for {steps} steps, over this server's limit of "
+                                 f"{o.max_steps}: ask for fewer with ?steps=N")
             if o.guidance_stop > steps:
                 raise PercoError(f"this server runs the last {o.guidance_stop} steps without guidance, more than "
                                  f"the {steps} steps asked for: ask for at least {o.guidance_stop} with ?steps=N")
         except PercoError as exc:
             raise RequestError(status_for(exc), str(exc)) from None
-        return _Job(data, header.width, header.height, steps, float(guidance), 0.0)
+        return _Job(unpacked, header.width, header.height, steps, float(guidance), 0.0, entropy_s)
 
     async def _decode_jobs(self, jobs: list) -> list:
         """serve.batch's function: one result (_Decoded, or the exception) per job, in order."""
@@ -303,14 +305,15 @@ class DecodeServer:
         return [members[i : i + size] for i in range(0, len(members), size)]
 
     def _decode_chunk(self, chunk: list) -> list:
-        """decompress_batch on the codec thread; a failure there (never expected after _check) is retried one by
+        """decompress_unpacked on the codec thread; a failure there (never expected after _check) is retried one by
         one, so only the request that causes it fails."""
         o = self.options
         started = time.perf_counter()
         first = chunk[0]
         try:
-            images = self.codec.decompress_batch([j.data for j in chunk], steps=first.steps, guidance=first.guidance,
-                                                 sampler=o.sampler, guidance_stop=o.guidance_stop)
+            images = self.codec.decompress_unpacked([j.unpacked for j in chunk], steps=first.steps,
+                                                    guidance=first.guidance, sampler=o.sampler,
+                                                    guidance_stop=o.guidance_stop)
         except Exception as exc:
             if len(chunk) == 1:
                 return [exc]

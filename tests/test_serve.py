@@ -398,14 +398,14 @@ def test_a_group_is_split_to_stay_within_the_decode_limit(tiny_model, streams):
 def test_a_failing_group_is_redecoded_one_by_one(tiny_model, codec, streams):
     import asyncio
 
-    from perco.engine.errors import BitstreamError
     from perco.scale.serve import _Decoded
 
     replica = _replica(tiny_model)
     jobs = [replica._check(data, 2, None) for data in streams["64x64"][:3]]
-    jobs[1].data = b"not a bitstream"  # after its check: only a bug could do this, and it must fail alone
+    header, caption, indices = jobs[1].unpacked
+    jobs[1].unpacked = (header, caption, indices + 10**6)  # after its check only a bug could do this: it fails alone
     results = asyncio.run(replica._decode_jobs(jobs))
-    assert isinstance(results[1], BitstreamError)
+    assert isinstance(results[1], Exception) and not isinstance(results[1], _Decoded)
     for i in (0, 2):
         assert isinstance(results[i], _Decoded) and results[i].batch_size == 1
         _close(results[i].image, codec.decompress(streams["64x64"][i], steps=2))
