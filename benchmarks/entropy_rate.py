@@ -50,6 +50,14 @@ def static_stream(symbols: np.ndarray, table: np.ndarray) -> np.ndarray:
     return encode_symbol_tables(symbols, np.ascontiguousarray(np.broadcast_to(table, (symbols.size, table.size))))
 
 
+def _preset_text(name: str) -> str:
+    from perco.engine.entropy.intnet import PRESETS
+
+    preset = PRESETS[name]
+    context = 1 + sum((kernel - 1) * dilation for kernel, dilation in preset["layers"])
+    return f"{name} preset ({preset['channels']} channels, {context}x{context} context)"
+
+
 def denoiser_step(model: Path, work: Path, width: int, height: int, repeats: int) -> dict:
     """One guided denoiser step (batch 2) of the exported tiny model on ONNX Runtime CPU at width x height."""
     import onnxruntime as ort
@@ -99,7 +107,7 @@ def measure_case(family: str, rate: str, args, work: Path, log) -> dict:
     height, width = (side * stride for side in maps.evaluation[0].shape)
     log(f"{family} {rate}: the tiny denoiser's step on ONNX Runtime at {width}x{height}")
     denoiser = denoiser_step(model, work / "onnx", width, height, args.repeats)
-    report = train_entropy(model, maps=maps, steps=args.steps, batch=args.batch, threads=args.threads, log=log)
+    report = train_entropy(model, maps=maps, preset=args.preset, steps=args.steps, batch=args.batch, threads=args.threads, log=log)
 
     entropy = load_entropy_model(model / "entropy_model")
     net, coder = entropy.net, LearnedIndexCoder(entropy)
@@ -198,7 +206,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{', '.join(f'{v:.1f}' for v in m['load_1min_at_each_case'])}: the cores were shared with other jobs, "
         "so the timings are indicative and the minimum is the better estimate of the uncontended latency.",
         f"Command: `{result['command']}` ({result['wall_seconds'] / 60:.1f} min).", "",
-        f"Training: tiny preset (16 channels, 9x9 context), coarse-to-fine schedule, {result['settings']['steps']} "
+        f"Training: {_preset_text(result['settings'].get('preset', 'tiny'))}, coarse-to-fine schedule, {result['settings']['steps']} "
         f"steps (the last quarter quantization-aware), batch {result['settings']['batch']}, "
         f"{result['settings']['crops']} random {result['settings']['crop']} px crops (each flipped with probability "
         f"1/2) of each of the {result['train_images']} training photos, torch threads {result['settings']['threads']}. "
@@ -272,6 +280,8 @@ def main() -> None:
                         help="folder of photos, sorted by name; the last --held-out are measured "
                              "(default: %(default)s)")
     parser.add_argument("--held-out", type=int, default=3, help="photos held out (default: %(default)s)")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"],
+                        help="entropy model size preset (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2000, help="training steps per case (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=16, help="maps per training step (default: %(default)s)")
     parser.add_argument("--crop", type=int, default=384,
@@ -295,7 +305,7 @@ def main() -> None:
                     "load_start": ", ".join(f"{v:.1f}" for v in os.getloadavg())},
         "command": shlex.join(["python", "benchmarks/entropy_rate.py", *sys.argv[1:]]),
         "settings": {k: getattr(args, k)
-                     for k in ("held_out", "steps", "batch", "crop", "crops", "threads", "repeats")},
+                     for k in ("preset", "held_out", "steps", "batch", "crop", "crops", "threads", "repeats")},
         "cases": [],
     }
     loads = []
