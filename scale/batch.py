@@ -36,6 +36,7 @@ REPORT_NAME = "report.json"
 DECODE_OPTIONS = ("steps", "guidance", "sampler", "guidance_stop")  # Codec.decompress_batch keywords
 LOCAL_OBJECT_STORE = 200 << 20  # bytes, for a cluster this module starts: rows carry paths, not pixels
 MAX_BLOCKS = 4096  # Ray Data blocks of the batch list: one per batch up to this, so every actor gets work
+PROBE_SECONDS = 10.0  # a cluster address must accept a TCP connection within this before ray.init is tried
 TASKS_PER_ACTOR = 2  # batches queued on an actor: enough to hide dispatch, few enough to balance the tail
 
 
@@ -65,6 +66,20 @@ def check_address(address):
     return address
 
 
+def probe(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """PercoError unless something accepts a TCP connection at HOST:PORT (ray.init retries a dead address for many
+    minutes before it gives up)."""
+    import socket
+
+    host, _, port = address[len("ray://"):].rpartition(":") if address.startswith("ray://") else \
+        address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PercoError(f"cannot connect to the Ray cluster at {address}: nothing answers at {host}:{port} "
+                         f"({exc.strerror or type(exc).__name__}); is 'ray start --head' running there?") from None
+
+
 @contextmanager
 def ray_session(address=None):
     """Initialize Ray for the block (unless it already is) and shut it down on exit only if this started it.
@@ -78,6 +93,8 @@ def ray_session(address=None):
         yield ray
         return
     address = check_address(address)
+    if address not in ("local", "auto"):
+        probe(address)
     options = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":
         options.update(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE)
@@ -89,7 +106,12 @@ def ray_session(address=None):
             ray.init(address=address, **options)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError...: one line
         where = "start a local Ray cluster" if address == "local" else f"connect to the Ray cluster at {address}"
-        raise PercoError(f"cannot {where}: {_one_line(exc)}") from None
+        causes, current = [], exc
+        while current is not None and len(causes) < 3:  # Ray's ConnectionError says why only in its cause
+            causes.append(_one_line(current))
+            current = current.__cause__
+        reason = "; ".join(c if len(c) <= 240 else c[:240] + "..." for c in causes)
+        raise PercoError(f"cannot {where}: {reason}") from None
     finally:
         if saved is None:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
@@ -566,12 +588,14 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     from perco.engine.errors import BackendError
 
     start = time.perf_counter()
-    _require_ray()
+    ray = _require_ray()
     options = _check_options(verb, batch_size, actors, decode_options, captioner, captioner_model)
     if not 0 <= seed < 1 << 64:
         raise UsageError(f"seed must be in 0..2^64-1, got {seed}")
     address = check_address(address)
     paths = resolve_inputs(verb, inputs)
+    if not ray.is_initialized() and address not in ("local", "auto"):
+        probe(address)  # a dead address fails now, not after the plan
     backend_name = _backend_name(SimpleNamespace(backend=backend, artifacts=artifacts))
     if backend_name not in available():
         raise BackendError(f"unknown backend {backend_name!r}; choose one of: {', '.join(available())}")
@@ -595,7 +619,7 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
         config = {"verb": verb, "model": str(model) if model is not None else None, "artifacts": artifacts,
                   "backend": backend_name, "max_pixels": max_pixels, "seed": seed, "decode_options": options,
                   "captioner": captioner, "captioner_model": captioner_model}
-        with ray_session(address) as ray:
+        with ray_session(address):
             result.update(_execute(ray, todo, batch_size, config, actors, progress, result, start))
     result["seconds"] = seconds = time.perf_counter() - start
     result["items_per_second"] = len(result["done"]) / seconds if seconds > 0 else 0.0

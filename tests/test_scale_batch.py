@@ -312,3 +312,15 @@ def test_actor_layout_one_actor_per_gpu():
     assert batch.actor_layout(_GpuCluster()) == (4, 8.0, 1.0)  # one per GPU, with its share of the node's CPUs
     assert batch.actor_layout(_GpuCluster(), 8) == (8, 4.0, 0.5)  # two actors per GPU
     assert batch.actor_layout(_GpuCluster(), 2) == (2, 8.0, 1.0)
+
+
+def test_a_dead_address_fails_fast():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        with pytest.raises(PercoError, match=f"nothing answers at 127.0.0.1:{port}"):
+            batch.probe(f"127.0.0.1:{port}", timeout=5)
+        with pytest.raises(PercoError, match=f"nothing answers at 127.0.0.1:{port}"):
+            batch.probe(f"ray://127.0.0.1:{port}", timeout=5)
