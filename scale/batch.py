@@ -145,7 +145,8 @@ def _stderr_to_devnull(enabled: bool):
 
 @contextmanager
 def _quiet_ray_data(ray):
-    """No Ray Data progress bars and console notices while a job runs (its log file keeps them all)."""
+    """No Ray Data progress bars and console notices while a job runs (its log file keeps them all; a failure that
+    stops the job is the CLI's one error line, not Ray Data's stack trace)."""
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars
     context.enable_progress_bars = False
@@ -153,7 +154,7 @@ def _quiet_ray_data(ray):
                 and "File" not in type(h).__name__]
     levels = [h.level for h in handlers]
     for handler in handlers:
-        handler.setLevel(logging.ERROR)
+        handler.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -387,15 +388,24 @@ class BatchWorker:
         from perco.engine.codec import Codec
 
         self.config = config
+        self._captioner = self.codec = None
+        self._broken = None
         threads = config.get("threads")
-        self.codec = Codec.from_pretrained(config["model"], backend=config["backend"], artifacts=config["artifacts"],
-                                           max_pixels=config.get("max_pixels"))
+        try:
+            self.codec = Codec.from_pretrained(config["model"], backend=config["backend"],
+                                               artifacts=config["artifacts"], max_pixels=config.get("max_pixels"))
+        except PercoError as exc:  # raised by the first call instead: a dead actor makes Ray print its traceback
+            self._broken = exc
+            return
         if threads and "torch" in sys.modules:  # Ray sets OMP_NUM_THREADS; torch's intra-op pool is set here
             sys.modules["torch"].set_num_threads(threads)
-        self._captioner = None
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
+
+        if self._broken is not None:  # this node cannot run the model: the driver stops the job with the reason
+            return {"result": np.array([json.dumps({"fatal": _one_line(self._broken)})] * len(batch["batch"]),
+                                       dtype=object)}
 
         out = []
         for text in batch["batch"]:
@@ -457,16 +467,16 @@ class BatchWorker:
             except OSError as exc:
                 results[i] = _failure(item, PercoError(f"cannot read bitstream {item['input']}: {exc.strerror}"))
         order = sorted(datas)
+        batch = len(order)  # images decoded together
         try:
             images = dict(zip(order, self.codec.decompress_batch([datas[i] for i in order],
                                                                  **self.config["decode_options"])))
-        except Exception:  # noqa: BLE001 - one bad bitstream fails the batch: decode one by one to find it
+        except Exception as exc:  # noqa: BLE001 - one bad bitstream fails the batch: decode one by one to find it
+            images, batch = {}, 1
             if len(order) == 1:
-                images = {}
-                results[order[0]] = _failure(items[order[0]], sys.exc_info()[1])
+                results[order[0]] = _failure(items[order[0]], exc)
             else:
                 images = self._one_by_one(items, datas, order, results)
-        batch = len(images) if len(images) == len(order) else 1
         for i, image in images.items():
             results[i] = self._save(items[i], image, batch)
         return [results[i] for i in range(len(items))]
@@ -503,8 +513,8 @@ def _one_line(exc) -> str:
 
 
 def _job_error(exc: BaseException) -> PercoError:
-    """A failure of the job itself (an actor that cannot start, a lost cluster) as one line: the PercoError
-    inside Ray's wrapping where there is one (a model that does not load), else the last line Ray gives."""
+    """A failure of the job itself (a lost node, a bug) as one line: a PercoError inside Ray's wrapping or named
+    in its traceback text where there is one, else the last line Ray gives."""
     seen, current = set(), exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
@@ -512,7 +522,9 @@ def _job_error(exc: BaseException) -> PercoError:
             return PercoError(f"the batch job stopped: {_one_line(current)}")
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return PercoError(f"the batch job stopped: {lines[-1] if lines else type(exc).__name__}")
+    ours = [line.split(": ", 1)[1] for line in lines if line.startswith("perco.") and ": " in line]
+    reason = ours[-1] if ours else lines[-1] if lines else type(exc).__name__  # ours: in Ray's traceback text
+    return PercoError(f"the batch job stopped: {reason}")
 
 
 # --- the job --------------------------------------------------------------------------------------------------
@@ -656,6 +668,8 @@ def _execute(ray, todo: list, batch_size: int, config: dict, actors, progress: b
                     if first is None:  # since the job's start: actors started, models loaded, one batch coded
                         first = time.perf_counter() - start
                     entries = json.loads(row["result"])
+                    if isinstance(entries, dict):  # {"fatal": reason}: an actor could not load the model
+                        raise PercoError(f"the batch job stopped: an actor cannot load the model: {entries['fatal']}")
                     for entry in entries:
                         (result["failed"] if "error" in entry else result["done"]).append(entry)
                     bar.update(len(entries))

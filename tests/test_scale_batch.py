@@ -324,3 +324,12 @@ def test_a_dead_address_fails_fast():
             batch.probe(f"127.0.0.1:{port}", timeout=5)
         with pytest.raises(PercoError, match=f"nothing answers at 127.0.0.1:{port}"):
             batch.probe(f"ray://127.0.0.1:{port}", timeout=5)
+
+
+def test_a_worker_that_cannot_load_the_model_reports_it_to_the_driver(tmp_path):
+    """In this process (no Ray): the actor class keeps the load error and answers every batch with it, so the
+    driver stops the job with that reason instead of Ray printing a dead actor's traceback."""
+    worker = batch.BatchWorker({"verb": "decompress", "model": str(tmp_path / "gone"), "backend": "torch",
+                                "artifacts": None, "decode_options": {}, "seed": 0})
+    out = worker({"batch": np.array([json.dumps([{"input": "x.perco"}])] * 2, dtype=object)})
+    assert [json.loads(r) for r in out["result"]] == [{"fatal": f"model folder {tmp_path / 'gone'} does not exist"}] * 2
