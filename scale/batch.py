@@ -345,7 +345,8 @@ def plan(verb: str, paths: list, targets: list, spec, seed: int = 0, captions=No
             skipped.append({**entry, "bytes": target.stat().st_size})
             continue
         _remove_stale_temporaries(target)
-        todo.append({**entry, "size": list(size), "caption": caption})
+        todo.append({**entry, "size": list(size), "caption": caption,  # the actors use absolute paths: their
+                     "read": os.path.abspath(path), "write": os.path.abspath(target)})  # working folder differs
     return todo, skipped, failed
 
 
@@ -422,7 +423,7 @@ class BatchWorker:
         images, results = {}, {}
         for i, item in enumerate(items):
             try:
-                images[i] = load_image(item["input"], max_pixels=bound)
+                images[i] = load_image(item["read"], max_pixels=bound)
             except Exception as exc:  # noqa: BLE001 - recorded, the job goes on
                 results[i] = _failure(item, exc)
         self._caption(items, images, results)
@@ -432,7 +433,7 @@ class BatchWorker:
             item = items[i]
             try:
                 data = self.codec.compress(image, caption=item["caption"] or "", seed=self.config["seed"])
-                write_output(item["output"], data)
+                write_output(item["write"], data)
                 results[i] = {"input": item["input"], "output": item["output"], "bytes": len(data), "batch": 1,
                               "caption": item["caption"] or ""}
             except Exception as exc:  # noqa: BLE001
@@ -462,7 +463,7 @@ class BatchWorker:
         datas, results = {}, {}
         for i, item in enumerate(items):
             try:
-                with open(item["input"], "rb") as f:
+                with open(item["read"], "rb") as f:
                     datas[i] = f.read()
             except OSError as exc:
                 results[i] = _failure(item, PercoError(f"cannot read bitstream {item['input']}: {exc.strerror}"))
@@ -495,10 +496,10 @@ class BatchWorker:
         from perco.engine.imageio import save_image
 
         try:
-            save_image(item["output"], image, "PNG")
+            save_image(item["write"], image, "PNG")
         except Exception as exc:  # noqa: BLE001
             return _failure(item, exc)
-        return {"input": item["input"], "output": item["output"], "bytes": os.path.getsize(item["output"]),
+        return {"input": item["input"], "output": item["output"], "bytes": os.path.getsize(item["write"]),
                 "batch": batch}
 
 
@@ -566,6 +567,10 @@ def _check_options(verb, batch_size, actors, decode_options, captioner, captione
     return options
 
 
+def _absolute(path):
+    return None if path is None else os.path.abspath(path)
+
+
 def _output_folder(output) -> Path:
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
@@ -628,9 +633,9 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
               "backend": backend_name, "batch_size": batch_size, "done": [], "skipped": skipped, "failed": failed,
               "warnings": warnings, "actors": 0, "nodes": 0, "first_batch_seconds": None, "sizes": {}}
     if todo:
-        config = {"verb": verb, "model": str(model) if model is not None else None, "artifacts": artifacts,
-                  "backend": backend_name, "max_pixels": max_pixels, "seed": seed, "decode_options": options,
-                  "captioner": captioner, "captioner_model": captioner_model}
+        config = {"verb": verb, "model": _absolute(model), "artifacts": _absolute(artifacts), "backend": backend_name,
+                  "max_pixels": max_pixels, "seed": seed, "decode_options": options, "captioner": captioner,
+                  "captioner_model": _absolute(captioner_model)}
         with ray_session(address):
             result.update(_execute(ray, todo, batch_size, config, actors, progress, result, start))
     result["seconds"] = seconds = time.perf_counter() - start
