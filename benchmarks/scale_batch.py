@@ -5,7 +5,8 @@ On the tiny model (`init-tiny` into a temporary folder) and the same images in o
 `run_job` with 1 and 2 actors (decompress in same-size batches of --batch-size through decompress_batch), both
 verbs, several repeats each (median, min, max). A job's time is end to end: actor start, model load, every batch,
 the report; the loop's is given with and without its one model load. Ray is started once (a local cluster with
-this machine's cores) before anything is timed. The machine (cores, CPU model, load average at start and end) is
+this machine's cores) and warmed up by a one-image job of each verb, and the loop's codec by one image, before
+anything is timed. The machine (cores, CPU model, load average at start and end) is
 recorded: the tiny model's work is small, so the actors' fixed start-up cost and other load on the machine weigh.
 
     python -m perco.benchmarks.scale_batch --out benchmarks/results/scale_batch
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-LOADED = 0.5  # load average per core above which a run is marked as made on a loaded machine
+LOADED = 0.5  # 1-minute load average per core at the start above which a run is marked as made on a loaded machine
 
 
 def machine() -> dict:
@@ -73,6 +74,7 @@ def in_process(model: Path, paths: list, work: Path, steps: int, seed: int) -> d
     start = time.perf_counter()
     codec = Codec.from_pretrained(model, backend="torch")
     load = time.perf_counter() - start
+    codec.decompress(codec.compress(load_image(paths[0]), seed=seed), steps=steps)  # warm-up, not timed
     start = time.perf_counter()
     for path in paths:
         write_output(coded / f"{path.stem}.perco", codec.compress(load_image(path), seed=seed))
@@ -86,13 +88,15 @@ def in_process(model: Path, paths: list, work: Path, steps: int, seed: int) -> d
     return {"load": load, "compress": compress, "decompress": decompress, "coded": coded}
 
 
-def batch_jobs(model: Path, images: Path, work: Path, actors: int, steps: int, seed: int, batch_size: int) -> dict:
-    """One batch compress and one batch decompress job (fresh output folders: nothing skipped)."""
+def batch_jobs(model: Path, images: Path, work: Path, actors: int, steps: int, seed: int, batch_size: int,
+               only=None) -> dict:
+    """One batch compress and one batch decompress job (fresh output folders: nothing skipped); `only`: a list of
+    the images to code instead of the folder (the warm-up's)."""
     from perco.scale.batch import run_job
 
     coded, decoded = work / "coded", work / "decoded"
     jobs = {}
-    jobs["compress"] = run_job("compress", images, coded, model=model, actors=actors, batch_size=batch_size,
+    jobs["compress"] = run_job("compress", only if only is not None else images, coded, model=model, actors=actors, batch_size=batch_size,
                                seed=seed)
     jobs["decompress"] = run_job("decompress", coded, decoded, model=model, actors=actors, batch_size=batch_size,
                                  decode_options={"steps": steps})
@@ -118,9 +122,15 @@ def run(args) -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     root = Path(tempfile.mkdtemp(prefix="perco-scale-batch-"))
     try:
-        model = root / "model"
-        plugins.load("perco.hooks", "init_tiny", "the benchmark's tiny model")(model, rate=0.0313, seed=0)
+        if args.model:
+            model = Path(args.model).resolve()
+        else:
+            model = root / "model"
+            plugins.load("perco.hooks", "init_tiny", "the benchmark's tiny model")(model, rate=0.0313, seed=0)
         paths = make_inputs(root / "images", args.images, width, height)
+        from perco.engine.codec import Codec
+
+        Codec.from_pretrained(model, backend="torch").close()  # torch's import out of the loop's timed load
         loop = {"load": [], "compress": [], "decompress": [], "compress_with_load": [], "decompress_with_load": []}
         jobs = {n: {"compress": [], "decompress": [], "compress_first_batch": [], "decompress_first_batch": []}
                 for n in actor_counts}
@@ -129,6 +139,7 @@ def run(args) -> dict:
 
         with ray_session("local"):
             print(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs", file=sys.stderr)
+            batch_jobs(model, root / "images", root / "warm-up", 1, 1, args.seed, args.batch_size, paths[:1])
             for repeat in range(args.repeats):
                 timings = in_process(model, paths, root / f"loop{repeat}", args.steps, args.seed)
                 for key in ("load", "compress", "decompress"):
@@ -162,9 +173,9 @@ def run(args) -> dict:
                          "speedup_vs_loop": reference["median_s"] / stats["median_s"]})
     load_end = [round(x, 2) for x in os.getloadavg()]
     info = machine()
-    loaded = max(load_start[0], load_end[0]) > LOADED * (info["cores"] or 1)
+    loaded = load_start[0] > LOADED * (info["cores"] or 1)  # at the end the 1-minute average counts this run too
     return {"benchmark": "scale_batch", "machine": info, "loadavg_start": load_start, "loadavg_end": load_end,
-            "loaded": loaded, "model": "tiny (init-tiny, rate 0.0313, seed 0, random weights)",
+            "loaded": loaded, "model": args.model or "tiny (init-tiny, rate 0.0313, seed 0, random weights)",
             "images": n, "size": f"{width}x{height}", "steps": args.steps, "seed": args.seed,
             "batch_size": args.batch_size, "repeats": args.repeats, "compress_bytes_match_loop": matches,
             "rows": rows}
@@ -180,7 +191,7 @@ def markdown(result: dict, command: str) -> str:
         "at the end.", "",
     ]
     if result["loaded"]:
-        lines += ["**This machine was loaded during the run** (load average above "
+        lines += ["**This machine was loaded when the run started** (1-minute load average above "
                   f"{LOADED} per core): other work shared the cores, so these figures are not a measurement of "
                   "the code alone.", ""]
     lines += [
@@ -193,7 +204,7 @@ def markdown(result: dict, command: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        speed = f"{r['speedup_vs_loop']:.2f}x" if "speedup_vs_loop" in r else ""
+        speed = f"{r['speedup_vs_loop']:.3g}x" if "speedup_vs_loop" in r else ""
         first = f"{r['first_batch_median_s']:.2f}" if r.get("first_batch_median_s") is not None else ""
         lines.append(f"| {r['verb']} | {r['method']} | {r['median_s']:.2f} ({r['min_s']:.2f}..{r['max_s']:.2f}) | "
                      f"{r['images_per_second']:.2f} | {speed} | {first} |")
@@ -229,6 +240,8 @@ def main(argv=None) -> None:
     parser.add_argument("--actors", type=_counts, default=[1, 2], metavar="N,N", help="actor counts (default: 1,2)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of everything (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a model folder to measure instead of the tiny model (made in a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results/scale_batch", help="JSON + markdown path, no suffix")
     args = parser.parse_args(argv)
     if args.images < 1 or args.repeats < 1 or args.steps < 1 or args.batch_size < 1:
