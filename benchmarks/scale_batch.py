@@ -96,8 +96,8 @@ def batch_jobs(model: Path, images: Path, work: Path, actors: int, steps: int, s
 
     coded, decoded = work / "coded", work / "decoded"
     jobs = {}
-    jobs["compress"] = run_job("compress", only if only is not None else images, coded, model=model, actors=actors, batch_size=batch_size,
-                               seed=seed)
+    jobs["compress"] = run_job("compress", only if only is not None else images, coded, model=model, actors=actors,
+                               batch_size=batch_size, seed=seed)
     jobs["decompress"] = run_job("decompress", coded, decoded, model=model, actors=actors, batch_size=batch_size,
                                  decode_options={"steps": steps})
     for verb, job in jobs.items():

@@ -318,8 +318,9 @@ def _remove_stale_temporaries(target: Path) -> None:
 
 
 def plan(verb: str, paths: list, targets: list, spec, seed: int = 0, captions=None) -> tuple:
-    """(items to run, skipped entries, failed entries) from headers only. An item is
-    {"input", "output", "size": [w, h], "caption"}; a bad input fails here, before any actor starts."""
+    """(items to run, skipped entries, failed entries) from headers only. An item is {"input", "output" (as the
+    report shows them), "read", "write" (absolute), "size": [w, h], "caption" (None: the captioner's)}; a bad
+    input fails here, before any actor starts."""
     from perco.engine.cli import _read_bitstream
     from perco.engine import bitstream
     from perco.engine.imageio import read_image_size
@@ -595,8 +596,8 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     sampler, guidance_stop). Outputs already present and valid are skipped, so a rerun resumes an interrupted job.
 
     The report: {"verb", "done": [{"input", "output", "bytes", "batch" (images decoded together), "caption"
-    (compress)}], "skipped": [{"input", "output",
-    "bytes"}], "failed": [{"input", "error"}], "seconds", "items_per_second" (done / seconds), "actors", ...}.
+    (compress)}], "skipped": [{"input", "output", "bytes"}], "failed": [{"input", "error"}], "seconds",
+    "items_per_second" (done / seconds), "actors", "sizes", "warnings", ...}; docs/batch.md.
     Job-level problems (no inputs, a bad address, a missing model, an output name clash) raise PercoError before
     any work; a failed item never stops the job.
     """
