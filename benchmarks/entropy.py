@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from perco.benchmarks.harness import measure
-from perco.engine.entropy.batch import OK, BatchCoder, Model, StepsStreamDecoder
+from perco.engine.entropy.batch import OK, BatchCoder, Model
 from perco.engine.entropy.schedules import group_positions, make_schedule
 from perco.engine.entropy.tables import PROB_TOTAL, tables_from_logits, tables_from_steps
 

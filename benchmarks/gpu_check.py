@@ -168,7 +168,7 @@ def pipelines(torch, cuda: bool, dry: bool, deadline: float, log) -> list:
                     torch.cuda.reset_peak_memory_stats()
                 codec = Codec.from_pretrained(folder, backend="torch-fast")
                 data = data or codec.compress(image, caption="a photo")
-                stages = _stage_ms(codec, lambda: decoded.__setitem__(label, codec.decompress(data, steps=steps)),
+                stages = _stage_ms(codec, lambda c=codec, k=label: decoded.__setitem__(k, c.decompress(data, steps=steps)),
                                    repeats=2 if dry else 5)
                 step = _denoiser_ms(torch, codec, *size, repeats=3 if dry else 20)
                 batch = 2 if dry else 8

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from perco.engine.cli import integer_type, number_type
 from perco.engine.errors import (
     BitstreamError, DecodeLimitError, ExtensionError, ModelMismatchError, PercoError, UsageError,
 )
@@ -433,31 +434,9 @@ def add_commands(sub) -> dict:
     return {"serve": cmd_serve}
 
 
-def _port(text: str) -> int:
-    value = int(text) if text.isdigit() else -1
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {text!r}")
-    return value
-
-
-def _cpus(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of CPUs, got {text!r}")
-    return value
-
-
-def _gpus(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs, 0 or more, got {text!r}")
-    return value
+_port = integer_type(1, 65535, "a port in 1..65535")
+_cpus = number_type(0, open_low=True, expected="a positive number of CPUs")
+_gpus = number_type(0, expected="a number of GPUs, 0 or more")
 
 
 def _wait_ms(text: str) -> float:
