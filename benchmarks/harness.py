@@ -41,6 +41,22 @@ class BenchConfig:
     engines: Optional[str] = None  # `perco build` folder for tensorrt
 
 
+def size_type(minimum: int = 1):
+    """An argparse `type` for an image size "WxH" -> (W, H), each side at least `minimum`."""
+    import argparse
+
+    def parse(text: str) -> tuple:
+        try:
+            w, h = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected WxH, got {text!r}") from None
+        if w < minimum or h < minimum:
+            raise argparse.ArgumentTypeError(f"expected at least {minimum}x{minimum}, got {text!r}")
+        return w, h
+
+    return parse
+
+
 def summarize(times: list) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from perco.benchmarks.harness import size_type
+
 LOADED = 0.5  # 1-minute load average per core at the start above which a run is marked as made on a loaded machine
 
 
@@ -211,14 +213,7 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size(text: str) -> tuple:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxH, got {text!r}") from None
-    if w < 8 or h < 8:
-        raise argparse.ArgumentTypeError(f"expected at least 8x8, got {text!r}")
-    return w, h
+_size = size_type(8)
 
 
 def _counts(text: str) -> list:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from perco.benchmarks.harness import size_type
+
 LOADED = 0.25  # load average (1 min) per core before the run above which the markdown flags the machine
 
 
@@ -189,14 +191,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size(text: str) -> tuple:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxH, got {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive WxH, got {text!r}")
-    return w, h
+_size = size_type(1)
 
 
 def main(argv=None) -> int:
