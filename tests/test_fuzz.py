@@ -59,7 +59,7 @@ def _clean(report: dict) -> None:
 def test_parse_campaign(tmp_path):
     report = fuzz.run_campaign(PARSE, CI_PARSE_INPUTS, seed=SEED, crash_dir=tmp_path, progress=False)
     _clean(report)
-    assert set(report["outcomes_by_type"]) == {"accepted", "BitstreamError"}
+    assert set(report["outcomes_by_type"]) == {"accepted", "BitstreamError", "ModelMismatchError"}
     assert report["outcomes_by_type"]["accepted"] > CI_PARSE_INPUTS // 20  # mutations also reach valid decodes
     assert 0.7 < report["crc_fixed_fraction"] < 0.8
     assert report["slowest_retimed"][0]["retimed_seconds"] < 0.2  # a 16384 x 16384 claim: about 25 ms
@@ -76,7 +76,7 @@ def test_decode_campaign(decode_target, tmp_path):
     report = fuzz.run_campaign(decode_target, CI_DECODE_INPUTS, seed=SEED, crash_dir=tmp_path, progress=False)
     _clean(report)
     types = report["outcomes_by_type"]
-    assert set(types) <= {"accepted", "BitstreamError", "DecodeLimitError", "PercoError"}
+    assert set(types) <= {"accepted", "BitstreamError", "ModelMismatchError", "DecodeLimitError", "PercoError"}
     assert types["accepted"] > CI_DECODE_INPUTS // 50 and types["DecodeLimitError"] > 0
 
 
@@ -89,7 +89,7 @@ def test_parse_campaign_1e6(request, tmp_path):
     if os.environ.get("PERCO_FUZZ_REPORT"):
         Path(os.environ["PERCO_FUZZ_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
     _clean(report)
-    assert set(report["outcomes_by_type"]) == {"accepted", "BitstreamError"}
+    assert set(report["outcomes_by_type"]) == {"accepted", "BitstreamError", "ModelMismatchError"}
 
 
 # --- regression cases: every crash found so far -------------------------------------------------
