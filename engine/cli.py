@@ -26,13 +26,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def _model_arg(p, required=True):
+def model_arg(p, required=True):
     p.add_argument("--model", metavar="DIR", required=required, default=None,
                    help="PerCo (SD) model folder (diffusers layout with hyper_enc/)"
                         + ("" if required else "; default: the bundled tiny demo model"))
 
 
-def _backend_arg(p):
+def backend_arg(p):
     from perco.engine.backends import available
     from perco.engine.limits import MAX_PIXELS_ENV
 
@@ -61,19 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "composited over white), or - for standard input")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="bitstream file to write, or - for "
                                                                          "standard output")
-    _model_arg(p, required=False)
+    model_arg(p, required=False)
     p.add_argument("--caption", default=None, metavar="TEXT",
                    help="caption describing the image (global semantics); overrides --captioner")
-    _captioner_args(p)
-    p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
-    p.add_argument("--steps-hint", type=_positive, default=None, metavar="N",
+    captioner_args(p)
+    p.add_argument("--seed", type=uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
+    p.add_argument("--steps-hint", type=positive_int, default=None, metavar="N",
                    help="suggest a step count to the decoder (stored in the bitstream)")
     p.add_argument("--send", type=_send, default=None, metavar="FRACTION|N",
                    help="hybrid mode (a model with a learned entropy model): transmit only the first groups of the "
                         "index schedule, a fraction of them (0.5) or a count (3); the decoder generates the rest from "
                         "the entropy model, seeded by --seed. Default: every group")
-    _backend_arg(p)
-    _quiet_arg(p)
+    backend_arg(p)
+    quiet_arg(p)
 
     p = sub.add_parser("decompress", help="bitstream -> image",
                        description="Decode a bitstream to an image at the original size.")
@@ -81,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="image to write: .png, .webp (both lossless) or .jpg/.jpeg (quality 95) by its extension, "
                         "or - for a PNG on standard output")
-    _model_arg(p, required=False)
-    p.add_argument("--steps", type=_positive, default=None, metavar="N",
+    model_arg(p, required=False)
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help="denoising steps (default: the bitstream's hint, else 20 below 0.05 bpp, 5 at or above)")
-    p.add_argument("--guidance", type=_guidance, default=None, metavar="G",
+    p.add_argument("--guidance", type=guidance_type, default=None, metavar="G",
                    help="classifier-free guidance scale, 0..50 (default: the bitstream's hint, else 3.0)")
-    _sampler_args(p)
-    _backend_arg(p)
-    _quiet_arg(p)
+    sampler_args(p)
+    backend_arg(p)
+    quiet_arg(p)
 
     p = sub.add_parser("info", help="show what a bitstream holds",
                        description="Header fields, bytes per section and bits per pixel of a bitstream.")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          "standard output")
     p.add_argument("--model", metavar="DIR", default=None, help="the PerCo (SD) model folder of the file's rate")
     p.add_argument("--artifacts", metavar="DIR", default=None, help="exported artifacts instead of a model folder")
-    _quiet_arg(p)
+    quiet_arg(p)
 
     p = sub.add_parser("demo", help="compress and decompress a sample image with the bundled tiny model",
                        description="Compress and decompress a generated sample image, write a side-by-side "
@@ -121,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights: the pixels are meaningless. Use --model for a real checkpoint.")
     p.add_argument("--out", default="perco-demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--image", default=None, metavar="IMAGE", help="use this image instead of the sample")
-    _captioner_args(p)
-    _model_arg(p, required=False)
-    p.add_argument("--steps", type=_positive, default=None, metavar="N", help="denoising steps")
-    _backend_arg(p)
-    _quiet_arg(p)
+    captioner_args(p)
+    model_arg(p, required=False)
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N", help="denoising steps")
+    backend_arg(p)
+    quiet_arg(p)
     parser.handlers = dict(COMMANDS)
     for name in plugins.names(COMMAND_GROUP):  # verbs an installed extension adds (the torch side's)
         add_commands = plugins.find(COMMAND_GROUP, name)
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _captioner_args(p):
+def captioner_args(p):
     p.add_argument("--captioner", default=None, metavar="NAME",
                    help="caption the image with this captioner when no --caption is given (installed: blip2 with "
                         "perco-engine[export]; docs/captioners.md)")
@@ -143,7 +143,7 @@ def _captioner_args(p):
                         "folder such as blip2-opt-2.7b-coco; nothing is downloaded)")
 
 
-def _sampler_args(p):
+def sampler_args(p):
     from perco.engine.sampling import SAMPLERS
 
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
@@ -153,7 +153,7 @@ def _sampler_args(p):
                    help="run the last N steps without guidance (conditional branch only; default 0)")
 
 
-def _quiet_arg(p):
+def quiet_arg(p):
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -204,8 +204,8 @@ def number_type(minimum: float, maximum: float = math.inf, open_low: bool = Fals
     return parse
 
 
-_positive = integer_type(1)
-_uint64 = integer_type(0, (1 << 64) - 1, "an integer in 0..2^64-1")
+positive_int = integer_type(1)
+uint64 = integer_type(0, (1 << 64) - 1, "an integer in 0..2^64-1")
 
 
 def _send(text: str):
@@ -219,7 +219,7 @@ def _send(text: str):
     return value
 
 
-def _guidance(text: str) -> float:
+def guidance_type(text: str) -> float:
     from perco.engine.bitstream import MAX_GUIDANCE
     from perco.engine.codec import check_guidance
 
@@ -250,7 +250,7 @@ def _result(args, text: str) -> None:
         print(text, file=sys.stderr if getattr(args, "output", None) == "-" else sys.stdout)
 
 
-def _backend_name(args) -> str:
+def backend_name(args) -> str:
     """--backend, else the backend --artifacts was made for (engines: tensorrt; graphs: onnxruntime), else torch."""
     from perco.engine.backends.tensorrt import ENGINES_MANIFEST
     from perco.engine.manifest import MANIFEST
@@ -265,7 +265,7 @@ def _backend_name(args) -> str:
     return DEFAULT_BACKEND
 
 
-def _model_folder(args):
+def model_folder(args):
     """--model, else (without --artifacts) the bundled tiny model, made on first use."""
     if args.model is None and args.artifacts is None:
         from perco.engine.demo import default_model
@@ -279,8 +279,8 @@ def _limit(args):
     from perco.engine.backends.tensorrt import profile_size
     from perco.engine.limits import backend_memory, decode_limit
 
-    spec, manifest = _spec_and_manifest(_model_folder(args), args.artifacts)
-    name = _backend_name(args)
+    spec, manifest = spec_and_manifest(model_folder(args), args.artifacts)
+    name = backend_name(args)
     max_size = profile_size(manifest) if name == "tensorrt" and manifest else None
     return spec, decode_limit(spec.sizes, backend_memory(name, max_size), args.max_pixels)
 
@@ -288,11 +288,11 @@ def _limit(args):
 def _codec(args):
     from perco.engine.codec import Codec
 
-    return Codec.from_pretrained(_model_folder(args), backend=_backend_name(args), artifacts=args.artifacts,
+    return Codec.from_pretrained(model_folder(args), backend=backend_name(args), artifacts=args.artifacts,
                                  progress=not args.quiet, max_pixels=args.max_pixels)
 
 
-def _read_bitstream(path) -> bytes:
+def read_bitstream(path) -> bytes:
     """All bytes of a bitstream file or of standard input ("-"), refusing more than MAX_BITSTREAM_BYTES."""
     name = "standard input" if path == "-" else str(path)
     try:
@@ -343,7 +343,7 @@ def cmd_decompress(args) -> None:
 
     check_output(args.output)  # a device or special file first: its name has no image extension to complain of
     output_format(args.output)
-    data = _read_bitstream(args.input)
+    data = read_bitstream(args.input)
     header = bitstream.parse(data)[0]  # a corrupt or truncated file fails here, before any model loads
     spec, limit = _limit(args)
     limit.check_image(header.width, header.height, spec.pad_multiple)
@@ -362,8 +362,8 @@ def cmd_import_legacy(args) -> None:
     check_output(args.output)
     if not args.model and not args.artifacts:
         raise PercoError("import-legacy needs --model DIR (or --artifacts DIR): the file does not say its rate")
-    old = _read_bitstream(args.input)
-    spec, _ = _spec_and_manifest(args.model, args.artifacts)
+    old = read_bitstream(args.input)
+    spec, _ = spec_and_manifest(args.model, args.artifacts)
     data = import_legacy(old, spec)
     write_output(args.output, data)
     _result(args, f"{args.output}: {len(data)} bytes (the research file: {len(old)} bytes, "
@@ -373,7 +373,7 @@ def cmd_import_legacy(args) -> None:
 def cmd_info(args) -> None:
     from perco.engine import bitstream
 
-    data = _read_bitstream(args.input)
+    data = read_bitstream(args.input)
     header, caption_words, index_words, sections = bitstream.parse(data)
     pixels = header.width * header.height
     info = {
@@ -404,9 +404,9 @@ def cmd_info(args) -> None:
         info["index_coder"] = {"name": coder.name, "groups": coder.num_groups(indices.shape)}
         try:
             limit.check_image(header.width, header.height, spec.pad_multiple)
-            info["decodable"] = {"backend": _backend_name(args), "ok": True, "max_pixels": limit.max_pixels}
+            info["decodable"] = {"backend": backend_name(args), "ok": True, "max_pixels": limit.max_pixels}
         except DecodeLimitError as exc:
-            info["decodable"] = {"backend": _backend_name(args), "ok": False, "max_pixels": limit.max_pixels,
+            info["decodable"] = {"backend": backend_name(args), "ok": False, "max_pixels": limit.max_pixels,
                                  "reason": str(exc)}
     if args.json:
         print(json.dumps(info, indent=2))
@@ -433,7 +433,7 @@ def cmd_info(args) -> None:
                                                                                          f": {d['reason']}"))
 
 
-def _spec_and_manifest(model, artifacts):
+def spec_and_manifest(model, artifacts):
     """(ModelSpec, manifest or None) of an artifacts or engines folder, else of a model folder (no torch)."""
     from perco.engine.backends.tensorrt import ENGINES_MANIFEST, spec_from_engines
     from perco.engine.manifest import MANIFEST, spec_from_artifacts

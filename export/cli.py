@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from perco.engine import families
-from perco.engine.cli import _model_arg, _positive, _uint64, integer_type, number_type
+from perco.engine.cli import model_arg, positive_int, uint64, integer_type, number_type
 from perco.engine.entropy.intnet import PRESETS
 from perco.engine.entropy.schedules import SCHEDULES
 from perco.engine.errors import PercoError, UsageError
@@ -33,7 +33,7 @@ def add_commands(sub) -> dict:
                    help="rate preset whose token grid and codebook to keep; " + "; ".join(
                        f"{f.name}: " + ", ".join(f"{r} (grid {g}, {k} codes)" for r, (g, k) in f.rates.items())
                        for f in map(families.get, families.names())) + " (default: %(default)s)")
-    p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="weight seed (default: 0)")
+    p.add_argument("--seed", type=uint64, default=0, metavar="N", help="weight seed (default: 0)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer folder to copy (transformers format); default: a small built-in one")
     p.add_argument("--full-size", action="store_true",
@@ -46,10 +46,10 @@ def add_commands(sub) -> dict:
     p = sub.add_parser("export", help="export every network to ONNX (+ manifest)",
                        description="Export each network of a model to an optimized ONNX graph with dynamic batch "
                                    "and image size, plus manifest.json. An unchanged re-run reuses the files.")
-    _model_arg(p)
+    model_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="ARTIFACTS", help="artifacts folder")
-    p.add_argument("--opset", type=_positive, default=18, metavar="N", help="ONNX opset (default: %(default)s)")
-    p.add_argument("--batch-max", type=_positive, default=4, metavar="B",
+    p.add_argument("--opset", type=positive_int, default=18, metavar="N", help="ONNX opset (default: %(default)s)")
+    p.add_argument("--batch-max", type=positive_int, default=4, metavar="B",
                    help="largest batch recorded in the profile (default: %(default)s)")
     p.add_argument("--height", type=_range, default=(64, 512, 1024), metavar="MIN:OPT:MAX",
                    help="padded image height range in pixels (default: 64:512:1024)")
@@ -59,7 +59,7 @@ def add_commands(sub) -> dict:
     p = sub.add_parser("check", help="parity of exported graphs against torch",
                        description="Run every exported graph on ONNX Runtime (CPU) and the torch module on the "
                                    "same seeded inputs; print the max error relative to max |torch output|.")
-    _model_arg(p)
+    model_arg(p)
     p.add_argument("--artifacts", required=True, metavar="DIR", help="artifacts folder from 'perco export'")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default: 1e-4)")
 
@@ -91,7 +91,7 @@ def add_commands(sub) -> dict:
     p.add_argument("--precision", default="int8", choices=["int8", "fp8"], help="(default: %(default)s)")
     p.add_argument("--calibration", default=None, metavar="DIR",
                    help="calibration images (PNG/JPEG); default: the built-in sample and seeded images")
-    p.add_argument("--count", type=_positive, default=4, help="calibration images to use (default: %(default)s)")
+    p.add_argument("--count", type=positive_int, default=4, help="calibration images to use (default: %(default)s)")
     p.add_argument("--graphs", default="text_encoder,denoiser", metavar="G[,G]",
                    help="graphs to quantize, of text_encoder, vae_encoder, denoiser, vae_decoder (default: "
                         "%(default)s; the others stay float and build as FP16 engines)")
@@ -105,7 +105,7 @@ def add_commands(sub) -> dict:
     p = sub.add_parser("bench", help="latency and throughput, backends side by side",
                        description="Per-stage latency, end-to-end decode and throughput of each backend on the "
                                    "same bitstreams; JSON, markdown and a PNG plot. --smoke: tiny model, seconds.")
-    _model_arg(p, required=False)
+    model_arg(p, required=False)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and steps (what CI runs)")
     p.add_argument("--backends", default="torch,onnxruntime",
                    help="comma-separated, of torch, onnxruntime, tensorrt (default: %(default)s)")
@@ -116,7 +116,7 @@ def add_commands(sub) -> dict:
     p.add_argument("--steps", default="1,5,20", help="step counts for latency (default: %(default)s)")
     p.add_argument("--batches", default="1,2,4,8,16,32", help="batch sizes for throughput (default: %(default)s)")
     p.add_argument("--throughput-steps", default="5,20", help="step counts for throughput (default: %(default)s)")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed repeats (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results/bench", metavar="PATH",
                    help="output path without suffix (default: %(default)s)")
 
@@ -127,20 +127,20 @@ def add_commands(sub) -> dict:
                                    "fine-tuning; write it to DIR/entropy_model/ and print the bits per token of the "
                                    "held-out images (uniform, static unigram, float, integer). Checkpoints go to "
                                    "DIR/entropy_model.train/checkpoint.pt.")
-    _model_arg(p)
+    model_arg(p)
     p.add_argument("--images", required=True, metavar="DIR|GLOB",
                    help="training images: a folder (PNG, JPEG, WebP, BMP, TIFF, PPM) or a quoted glob pattern")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="network size: tiny (16 channels, 9x9 context), small (64, 17x17), base (128, 33x33) "
                         "(default: %(default)s)")
-    p.add_argument("--steps", type=_positive, default=2000, metavar="N",
+    p.add_argument("--steps", type=positive_int, default=2000, metavar="N",
                    help="total training steps, the last quarter quantization-aware (default: %(default)s)")
-    p.add_argument("--batch", type=_positive, default=16, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=16, metavar="N",
                    help="index maps per step (default: %(default)s)")
-    p.add_argument("--crop", type=_positive, default=256, metavar="PX",
+    p.add_argument("--crop", type=positive_int, default=256, metavar="PX",
                    help="side of the random training crops in pixels, a multiple of the model's pad multiple, "
                         "clamped to each image (default: %(default)s)")
-    p.add_argument("--crops", type=_positive, default=32, metavar="N",
+    p.add_argument("--crops", type=positive_int, default=32, metavar="N",
                    help="random crops (each flipped with probability 1/2) per training image (default: %(default)s)")
     p.add_argument("--schedule", default="coarse-to-fine", choices=sorted(SCHEDULES),
                    help="group order of the coder (default: %(default)s)")
@@ -149,8 +149,8 @@ def add_commands(sub) -> dict:
                         "training images (default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=1e-2, metavar="LR",
                    help="peak Adam learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=_uint64, default=0, metavar="N", help="crop and initialisation seed (default: 0)")
-    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+    p.add_argument("--seed", type=uint64, default=0, metavar="N", help="crop and initialisation seed (default: 0)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch threads while training (default: torch's; the tiny preset is as fast on 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint (its data seed) up to --steps in total")

@@ -321,7 +321,7 @@ def plan(verb: str, paths: list, targets: list, spec, seed: int = 0, captions=No
     """(items to run, skipped entries, failed entries) from headers only. An item is {"input", "output" (as the
     report shows them), "read", "write" (absolute), "size": [w, h], "caption" (None: the captioner's)}; a bad
     input fails here, before any actor starts."""
-    from perco.engine.cli import _read_bitstream
+    from perco.engine.cli import read_bitstream
     from perco.engine import bitstream
     from perco.engine.imageio import read_image_size
 
@@ -333,7 +333,7 @@ def plan(verb: str, paths: list, targets: list, spec, seed: int = 0, captions=No
                 size = read_image_size(path)
                 valid = target.is_file() and _valid_bitstream(target, spec, size, seed)
             else:
-                header = bitstream.parse(_read_bitstream(path))[0]
+                header = bitstream.parse(read_bitstream(path))[0]
                 mismatch = _model_mismatch(header, spec)
                 if mismatch:
                     raise PercoError(f"bitstream {path} was {mismatch}")
@@ -461,36 +461,39 @@ class BatchWorker:
             items[i]["caption"] = caption
 
     def _decompress(self, items: list) -> list:
-        datas, results = {}, {}
+        """Each bitstream read (bounded) and checked once with `Codec.unpack`, so a bad one fails alone; the valid
+        ones decoded together per (steps, guidance), their own hints or the job's options, as one by one."""
+        from perco.engine.cli import read_bitstream
+
+        options = dict(self.config["decode_options"])
+        steps, guidance = options.pop("steps", None), options.pop("guidance", None)
+        unpacked, groups, results = {}, {}, {}
         for i, item in enumerate(items):
             try:
-                with open(item["read"], "rb") as f:
-                    datas[i] = f.read()
-            except OSError as exc:
-                results[i] = _failure(item, PercoError(f"cannot read bitstream {item['input']}: {exc.strerror}"))
-        order = sorted(datas)
-        batch = len(order)  # images decoded together
-        try:
-            images = dict(zip(order, self.codec.decompress_batch([datas[i] for i in order],
-                                                                 **self.config["decode_options"])))
-        except Exception as exc:  # noqa: BLE001 - one bad bitstream fails the batch: decode one by one to find it
-            images, batch = {}, 1
-            if len(order) == 1:
-                results[order[0]] = _failure(items[order[0]], exc)
-            else:
-                images = self._one_by_one(items, datas, order, results)
-        for i, image in images.items():
-            results[i] = self._save(items[i], image, batch)
-        return [results[i] for i in range(len(items))]
-
-    def _one_by_one(self, items, datas, order, results) -> dict:
-        images = {}
-        for i in order:
+                unpacked[i] = self.codec.unpack(read_bitstream(item["read"]))
+                key = self.codec.decode_settings(unpacked[i][0].hints, steps, guidance)
+            except Exception as exc:  # noqa: BLE001 - recorded, the job goes on
+                results[i] = _failure(item, exc)
+                continue
+            groups.setdefault(key, []).append(i)
+        for (group_steps, group_guidance), order in groups.items():
+            decode = lambda members: self.codec.decompress_unpacked(  # noqa: E731
+                [unpacked[i] for i in members], steps=group_steps, guidance=group_guidance, **options)
             try:
-                images[i] = self.codec.decompress(datas[i], **self.config["decode_options"])
-            except Exception as exc:  # noqa: BLE001
-                results[i] = _failure(items[i], exc)
-        return images
+                decoded = dict(zip(order, decode(order)))
+                batch = len(order)
+            except Exception as exc:  # noqa: BLE001 - decode one by one so that only the failing item fails
+                decoded, batch = {}, 1
+                if len(order) == 1:
+                    results[order[0]] = _failure(items[order[0]], exc)
+                for i in order if len(order) > 1 else ():
+                    try:
+                        decoded[i] = decode([i])[0]
+                    except Exception as one:  # noqa: BLE001
+                        results[i] = _failure(items[i], one)
+            for i, image in decoded.items():
+                results[i] = self._save(items[i], image, batch)
+        return [results[i] for i in range(len(items))]
 
     @staticmethod
     def _save(item: dict, image, batch: int) -> dict:
@@ -602,7 +605,7 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     any work; a failed item never stops the job.
     """
     from perco.engine.backends import available
-    from perco.engine.cli import _backend_name, _spec_and_manifest
+    from perco.engine.cli import backend_name, spec_and_manifest
     from perco.engine.errors import BackendError
 
     start = time.perf_counter()
@@ -614,14 +617,14 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     paths = resolve_inputs(verb, inputs)
     if not ray.is_initialized() and address not in ("local", "auto"):
         probe(address)  # a dead address fails now, not after the plan
-    backend_name = _backend_name(SimpleNamespace(backend=backend, artifacts=artifacts))
+    backend_name = backend_name(SimpleNamespace(backend=backend, artifacts=artifacts))
     if backend_name not in available():
         raise BackendError(f"unknown backend {backend_name!r}; choose one of: {', '.join(available())}")
     if model is None and artifacts is None:
         from perco.engine.demo import default_model
 
         model = default_model(progress=progress)
-    spec, _ = _spec_and_manifest(model, artifacts)  # a missing or broken model folder fails here
+    spec, _ = spec_and_manifest(model, artifacts)  # a missing or broken model folder fails here
     targets = _outputs(verb, paths, Path(output))  # a name clash fails before the folder is made
     folder = _output_folder(output)
     report_path = Path(report) if report is not None else folder / REPORT_NAME
@@ -745,26 +748,26 @@ def add_commands(sub) -> dict:
     c = verbs.add_parser("compress", help="images -> bitstreams (OUTPUT/<stem>.perco)",
                          description="Compress every image of INPUT to OUTPUT/<stem>.perco.")
     _io_args(c, "a folder of images, a glob ('photos/*.jpg') or a list file (one image path per line)")
-    cli._model_arg(c, required=False)
+    cli.model_arg(c, required=False)
     captions = c.add_mutually_exclusive_group()
     captions.add_argument("--caption", default=None, metavar="TEXT", help="one caption for every image")
     captions.add_argument("--captions", default=None, metavar="FILE",
                           help="a JSON object {image file name: caption}; images it does not name go to "
                                "--captioner, else get the empty caption")
-    cli._captioner_args(c)
-    c.add_argument("--seed", type=cli._uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
+    cli.captioner_args(c)
+    c.add_argument("--seed", type=cli.uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
     _job_args(c, cli)
 
     d = verbs.add_parser("decompress", help="bitstreams -> images (OUTPUT/<stem>.png)",
                          description="Decode every bitstream of INPUT to OUTPUT/<stem>.png, bitstreams of one image "
                                      "size together (Codec.decompress_batch).")
     _io_args(d, "a folder of .perco files, a glob ('coded/*.perco') or a list file (one path per line)")
-    cli._model_arg(d, required=False)
-    d.add_argument("--steps", type=cli._positive, default=None, metavar="N",
+    cli.model_arg(d, required=False)
+    d.add_argument("--steps", type=cli.positive_int, default=None, metavar="N",
                    help="denoising steps (default: the bitstream's hint, else the model's)")
-    d.add_argument("--guidance", type=cli._guidance, default=None, metavar="G",
+    d.add_argument("--guidance", type=cli.guidance_type, default=None, metavar="G",
                    help="classifier-free guidance scale, 0..50 (default: the bitstream's hint, else 3.0)")
-    cli._sampler_args(d)
+    cli.sampler_args(d)
     _job_args(d, cli)
     return {"batch": cmd_batch}
 
@@ -775,16 +778,16 @@ def _io_args(p, what: str) -> None:
 
 
 def _job_args(p, cli) -> None:
-    cli._backend_arg(p)
+    cli.backend_arg(p)
     p.add_argument("--address", default=None, metavar="ray://HOST:PORT|auto|local",
                    help="Ray cluster: ray://HOST:10001 (Ray client), auto (the cluster 'ray start' made here), "
                         "HOST:6379, or local (default: a new cluster on this machine)")
-    p.add_argument("--actors", type=cli._positive, default=None, metavar="N",
+    p.add_argument("--actors", type=cli.positive_int, default=None, metavar="N",
                    help="actors (default: one per GPU, else one per node with the node's CPUs)")
-    p.add_argument("--batch-size", type=cli._positive, default=8, metavar="N",
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, metavar="N",
                    help="images of one size per actor call (default: %(default)s)")
     p.add_argument("--report", default=None, metavar="FILE", help=f"JSON report (default: OUTPUT/{REPORT_NAME})")
-    cli._quiet_arg(p)
+    cli.quiet_arg(p)
 
 
 def cmd_batch(args) -> None:

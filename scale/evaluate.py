@@ -505,18 +505,18 @@ def add_commands(sub) -> dict:
     p.add_argument("--metrics", type=_metrics_list, default=None, metavar="LIST",
                    help="compute exactly these (comma-separated: psnr,ms_ssim,lpips,fid,kid,clip_score); one that "
                         "is unavailable is an error. Default: every available metric")
-    p.add_argument("--steps", type=cli._positive, default=None, metavar="N",
+    p.add_argument("--steps", type=cli.positive_int, default=None, metavar="N",
                    help="denoising steps (default: the bitstream's hint, else the model's)")
-    p.add_argument("--seed", type=cli._uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
+    p.add_argument("--seed", type=cli.uint64, default=0, metavar="N", help="decoder noise seed (default: 0)")
     p.add_argument("--address", default=None, metavar="ray://HOST:PORT|auto|local",
                    help="Ray cluster (default: a new local cluster on this machine)")
-    p.add_argument("--actors", type=cli._positive, default=None, metavar="N",
+    p.add_argument("--actors", type=cli.positive_int, default=None, metavar="N",
                    help="codec actors (default: one per GPU, else one per node)")
-    p.add_argument("--batch-size", type=cli._positive, default=8, metavar="N",
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, metavar="N",
                    help="images of one size per actor call (default: %(default)s)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="where the metric networks run (default: cuda when torch sees a GPU, else cpu)")
-    cli._quiet_arg(p)
+    cli.quiet_arg(p)
     return {"evaluate": cmd_evaluate}
 
 

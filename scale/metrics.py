@@ -36,7 +36,7 @@ CLIP_FOLDER = "clip"
 TORCH_HOME = "torch"  # LPIPS: torchvision finds its backbone under TORCH_HOME/hub/checkpoints
 LPIPS_BACKBONE = "torch/hub/checkpoints/alexnet-owt-7be5be79.pth"
 STAND_IN_MARKER = "RANDOM-STAND-INS.txt"
-STAND_IN_WARNING = "metric networks are random stand-ins: FID/KID/CLIP values are meaningless"
+STAND_IN_WARNING = "metric networks are random stand-ins: FID/KID/CLIP (and LPIPS, where present) values are meaningless"
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; fewer images: all of them in each subset
 KID_SUBSETS = 100
 MS_SSIM_MIN_SIDE = 161  # 5 scales with an 11x11 Gaussian: each side must exceed (11 - 1) * 2^4 = 160
@@ -356,7 +356,8 @@ def decoded_uint8(image: np.ndarray, device):
 
 # ----------------------------------------------------------------------------------------- stand-ins
 
-def write_stand_ins(folder, tokenizer_dir, seed: int = 0, features: int = INCEPTION_FEATURES) -> Path:
+def write_stand_ins(folder, tokenizer_dir, seed: int = 0, features: int = INCEPTION_FEATURES,
+                    lpips_backbone: bool = False) -> Path:
     """Write TINY RANDOM stand-ins of the metric networks into `folder`, in the libraries' own formats, with
     the STAND_IN_MARKER file: FID/KID/CLIP values computed with them are meaningless (they prove the plumbing).
 
@@ -368,7 +369,9 @@ def write_stand_ins(folder, tokenizer_dir, seed: int = 0, features: int = INCEPT
       save_pretrained, the CLIP tokenizer from `tokenizer_dir` and a CLIPImageProcessor (CLIPProcessor).
       Its image projection's sign is chosen so that scores come out above torchmetrics' clamp at 0
       (so tests can compare them), not because they mean anything.
-    There is no LPIPS stand-in: torchvision's AlexNet checkpoint is 233 MB even with random values.
+    - with `lpips_backbone` (torchvision must import): torch/hub/checkpoints/alexnet-owt-7be5be79.pth, a
+      RANDOM torchvision AlexNet state dict (233 MB even so, hence off by default); LPIPS's linear heads are
+      torchmetrics' own, shipped in its wheel, so only the backbone is random and LPIPS values are meaningless.
     """
     require_torchmetrics()
     import torch
@@ -378,6 +381,12 @@ def write_stand_ins(folder, tokenizer_dir, seed: int = 0, features: int = INCEPT
     torch.manual_seed(seed)
     torch.jit.script(_stand_in_inception(features)).save(str(folder / INCEPTION_FILE))
     _write_clip_stand_in(folder / CLIP_FOLDER, Path(tokenizer_dir), seed)
+    if lpips_backbone:
+        import torchvision
+
+        backbone = folder / LPIPS_BACKBONE
+        backbone.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torchvision.models.alexnet(weights=None).state_dict(), backbone)
     from perco.engine.files import atomic_write
 
     atomic_write(folder / STAND_IN_MARKER, (STAND_IN_WARNING + "\nWritten by perco.scale.metrics.write_stand_ins "

@@ -395,42 +395,42 @@ def _import_serve():
 
 def add_commands(sub) -> dict:
     """Add `perco serve` to the `perco` subparsers; return {verb: handler}."""
-    from perco.engine.cli import _backend_arg, _guidance, _model_arg, _positive, _quiet_arg, _sampler_args
+    from perco.engine.cli import backend_arg, guidance_type, model_arg, positive_int, quiet_arg, sampler_args
 
     p = sub.add_parser("serve", help="decode bitstreams over HTTP (Ray Serve, batched)",
                        description="Serve POST /decode (bitstream -> PNG) and GET /health on Ray Serve, batching "
                                    "concurrent requests of one image size, with bounded queues (503 when full). "
                                    "Runs until Ctrl-C or SIGTERM. docs/serve.md.")
-    _model_arg(p, required=False)
-    _backend_arg(p)
+    model_arg(p, required=False)
+    backend_arg(p)
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="HTTP port (default: %(default)s)")
     p.add_argument("--address", default="local", metavar="ray://HOST:PORT|auto|local",
                    help="Ray cluster: local (default) starts one on this machine for this command, auto joins the "
                         "one 'ray start' runs here, ray://HOST:10001 connects a Ray Client")
-    p.add_argument("--replicas", type=_positive, default=1, metavar="N", help="decoder replicas (default: 1)")
+    p.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="decoder replicas (default: 1)")
     p.add_argument("--replica-cpus", type=_cpus, default=1.0, metavar="N",
                    help="CPUs reserved per replica; also its OpenMP thread count (default: 1)")
     p.add_argument("--replica-gpus", type=_gpus, default=0.0, metavar="N",
                    help="GPUs per replica, for --backend tensorrt or a CUDA provider (default: 0; a fraction shares "
                         "one GPU between replicas)")
-    p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH, metavar="N",
+    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
                    help=f"most requests decoded together (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--batch-wait-ms", type=_wait_ms, default=DEFAULT_BATCH_WAIT_MS, metavar="MS",
                    help=f"longest wait for a batch to fill (default: {DEFAULT_BATCH_WAIT_MS:g})")
-    p.add_argument("--max-queue", type=_positive, default=DEFAULT_MAX_QUEUE, metavar="N",
+    p.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help="requests queued per proxy beyond what the replicas hold (2 x --max-batch each); more get "
                         f"503 at once (default: {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--max-steps", type=_positive, default=DEFAULT_MAX_STEPS, metavar="N",
+    p.add_argument("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS, metavar="N",
                    help=f"most denoising steps a request may ask for (default: {DEFAULT_MAX_STEPS})")
-    p.add_argument("--steps", type=_positive, default=None, metavar="N",
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help="default denoising steps (default: the bitstream's hint, else the model's)")
-    p.add_argument("--guidance", type=_guidance, default=None, metavar="G",
+    p.add_argument("--guidance", type=guidance_type, default=None, metavar="G",
                    help="default guidance scale, 0..50 (default: the bitstream's hint, else the model's)")
-    _sampler_args(p)
+    sampler_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="Ray's and Serve's logs (access log included) on stderr")
-    _quiet_arg(p)
+    quiet_arg(p)
     return {"serve": cmd_serve}
 
 
@@ -451,10 +451,10 @@ def _wait_ms(text: str) -> float:
 
 def options_from_args(args) -> ServeOptions:
     """Check the flags against the model (configs only, no network loads) and return the replicas' options."""
-    from perco.engine.cli import _backend_name, _model_folder, _spec_and_manifest
+    from perco.engine.cli import backend_name, model_folder, spec_and_manifest
     from perco.engine.sampling import make_sampler
 
-    model = _model_folder(args)
+    model = model_folder(args)
     remote = args.address.startswith("ray://")
     for flag, folder in (("--model", model), ("--artifacts", args.artifacts)):
         if folder and not Path(folder).is_dir() and not remote:  # a Ray Client's folders live on the cluster
@@ -465,14 +465,14 @@ def options_from_args(args) -> ServeOptions:
     if args.guidance_stop < 0:
         raise UsageError(f"--guidance-stop must be 0 or more, got {args.guidance_stop}")
     if local:
-        spec = _spec_and_manifest(model, args.artifacts)[0]
+        spec = spec_and_manifest(model, args.artifacts)[0]
         try:
             make_sampler(args.sampler, spec.schedule, args.steps or spec.default_steps)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     absolute = lambda folder: str(Path(folder).resolve()) if folder and local else folder  # noqa: E731
     return ServeOptions(
-        model=absolute(model), artifacts=absolute(args.artifacts), backend=_backend_name(args),
+        model=absolute(model), artifacts=absolute(args.artifacts), backend=backend_name(args),
         max_pixels=args.max_pixels, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue, max_steps=args.max_steps, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, guidance_stop=args.guidance_stop, replicas=args.replicas,

@@ -275,13 +275,13 @@ def test_init_tiny_help_lists_the_rates(capsys):
 def test_artifacts_pick_the_backend(tmp_path):
     import argparse
 
-    from perco.engine.cli import _backend_name
+    from perco.engine.cli import backend_name
 
     (tmp_path / "graphs").mkdir()
     (tmp_path / "graphs" / "manifest.json").write_text("{}")
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "engines.json").write_text("{}")
-    pick = lambda artifacts, backend=None: _backend_name(argparse.Namespace(artifacts=artifacts, backend=backend))
+    pick = lambda artifacts, backend=None: backend_name(argparse.Namespace(artifacts=artifacts, backend=backend))
     assert pick(None) == "torch" and pick(str(tmp_path / "graphs")) == "onnxruntime"
     assert pick(str(tmp_path / "engines")) == "tensorrt" and pick(str(tmp_path / "engines"), "onnxruntime") == "onnxruntime"
 

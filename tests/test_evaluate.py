@@ -357,3 +357,27 @@ def test_fid_and_kid_match_numpy_on_the_stand_in_features(metric_stand_ins):
     off = (1 - np.eye(n)).astype(bool)
     kid = kernel(real, real)[off].mean() + kernel(fake, fake)[off].mean() - 2 * kernel(real, fake).mean()
     assert got["kid"] == pytest.approx(kid, rel=1e-3, abs=1e-7) and got["kid_std"] == pytest.approx(0, abs=1e-6)
+
+
+def test_lpips_with_a_random_alexnet_backbone(tmp_path):
+    """LPIPS through torchmetrics with a RANDOM torchvision AlexNet written by write_stand_ins (its values are
+    meaningless): identical images give 0, different ones more, and MetricSuite's value equals torchmetrics'
+    own metric called on the 0..1 images. Runs where torchvision imports; this project's CI torch (2.13 CPU)
+    has no torchvision that imports beside it, so there it skips."""
+    reason = m.availability(tmp_path)["lpips"]
+    if reason is not None and "torchvision" in reason:
+        pytest.skip(reason)
+    import torch
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    folder = m.write_stand_ins(tmp_path / "models", CLIP_TOKENIZER, features=64, lpips_backbone=True)
+    assert m.availability(folder)["lpips"] is None
+    suite = m.MetricSuite(["lpips"], folder)
+    a, b = random_image(64, 64, seed=1), random_image(64, 64, seed=2)
+    assert suite.add_pair(a, a)["lpips"] == pytest.approx(0.0, abs=1e-6)
+    value = suite.add_pair(a, b)["lpips"]
+    assert value > 1e-4
+    with m._torch_home(folder / m.TORCH_HOME):
+        reference = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    as_unit = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255.0  # noqa: E731
+    assert value == pytest.approx(float(reference(as_unit(b), as_unit(a))), rel=1e-5)

@@ -333,3 +333,44 @@ def test_a_worker_that_cannot_load_the_model_reports_it_to_the_driver(tmp_path):
                                 "artifacts": None, "decode_options": {}, "seed": 0})
     out = worker({"batch": np.array([json.dumps([{"input": "x.perco"}])] * 2, dtype=object)})
     assert [json.loads(r) for r in out["result"]] == [{"fatal": f"model folder {tmp_path / 'gone'} does not exist"}] * 2
+
+
+def test_worker_checks_each_bitstream_once_groups_by_hints_and_isolates_a_failing_decode(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    """In this process (no Ray): every bitstream is unpacked once; the valid ones are decoded together per
+    (steps, guidance) from their own hints; a decode that fails for the group is retried one by one, so only
+    the item that fails alone is reported."""
+    from perco.engine.bitstream import Hints
+
+    worker = batch.BatchWorker({"verb": "decompress", "model": str(tiny_model), "backend": "torch",
+                                "artifacts": None, "decode_options": {}, "seed": 0})
+    codec = worker.codec
+    streams = {"a": codec.compress(random_image(64, 64, seed=1), seed=SEED, hints=Hints(steps=2)),
+               "b": codec.compress(random_image(64, 64, seed=2), caption="a poisoned caption", seed=SEED,
+                                   hints=Hints(steps=2)),
+               "c": codec.compress(random_image(64, 64, seed=3), seed=SEED, hints=Hints(steps=2)),
+               "d": codec.compress(random_image(64, 64, seed=4), seed=SEED, hints=Hints(steps=1)),
+               "e": b"PRC not a bitstream"}
+    items = []
+    for name, data in streams.items():
+        (tmp_path / f"{name}.perco").write_bytes(data)
+        items.append({"input": f"{name}.perco", "read": str(tmp_path / f"{name}.perco"),
+                      "output": f"{name}.png", "write": str(tmp_path / f"{name}.png")})
+    calls, decode = [], codec.decompress_unpacked
+
+    def poisoned(decoded, **kwargs):
+        calls.append((len(decoded), kwargs["steps"]))
+        if any(len(ids) for _, ids, _ in decoded):  # b's caption: a failure that is not the bitstream's
+            raise RuntimeError("boom")
+        return decode(decoded, **kwargs)
+
+    monkeypatch.setattr(codec, "decompress_unpacked", poisoned)
+    results = {Path(r["input"]).stem: r for r in worker._decompress(items)}
+    assert calls == [(3, 2), (1, 2), (1, 2), (1, 2), (1, 1)]  # a+b+c together, then one by one; d alone
+    assert results["b"] == {"input": "b.perco", "error": "internal error (RuntimeError: boom)"}
+    assert "error" in results["e"] and "\n" not in results["e"]["error"]
+    assert [results[n]["batch"] for n in "acd"] == [1, 1, 1]
+    expected = decode([codec.unpack(streams["a"])], steps=2, guidance=codec.decode_settings(Hints())[1])[0]
+    with Image.open(tmp_path / "a.png") as img:
+        assert np.array_equal(np.asarray(img.convert("RGB")), expected)
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "e.png").exists()

@@ -10,7 +10,6 @@
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <cuda/functional>
 
 #include <cstdio>
 #include <cstring>
@@ -53,7 +52,7 @@ __global__ void reduce_scan_kernel(unsigned long long* sums, int* maxima, unsign
   const unsigned t = threadIdx.x, g = blockIdx.x * blockDim.x + t;
   sums[g] = Reduce(temp.r).Sum(t + 1ull);
   __syncthreads();
-  maxima[g] = ReduceI(temp.i).Reduce(static_cast<int>((t * 37) % 251), cuda::maximum<>{});
+  maxima[g] = ReduceI(temp.i).Reduce(static_cast<int>((t * 37) % 251), [](int a, int b) { return a < b ? b : a; });
   __syncthreads();
   Scan(temp.s).ExclusiveSum(t + 1ull, prefixes[g], aggregates[g]);
 }

@@ -5,7 +5,6 @@
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <cuda/functional>
 
 #include <algorithm>
 #include <chrono>
@@ -345,6 +344,17 @@ union TableTemp {
   ScanU::TempStorage scan;
 };
 
+// The block reductions' operators, as libcu++'s cuda::minimum / cuda::maximum define them, written here
+// because CUDA 11's toolkit (JetPack 5, Jetson Xavier) has no cuda/functional.
+struct Min {
+  template <typename T>
+  __host__ __device__ __forceinline__ T operator()(const T& a, const T& b) const { return a < b ? a : b; }
+};
+struct Max {
+  template <typename T>
+  __host__ __device__ __forceinline__ T operator()(const T& a, const T& b) const { return a < b ? b : a; }
+};
+
 // The integer normalisation of one row (docs/entropy-coding.md), shared by both table kernels.
 // `weight(i)` gives w[i]; each thread passes the partial sum of its weights and the least index
 // of its entries whose weight is the row maximum 2^31 (k if none). Writes the cdf row c [k + 1].
@@ -355,7 +365,7 @@ __device__ __forceinline__ void normalize_row(TableTemp& temp, const Weight& wei
   __syncthreads();
   total = ReduceU(temp.u).Sum(total);
   __syncthreads();
-  first = ReduceU(temp.u).Reduce(first, cuda::minimum<>{});
+  first = ReduceU(temp.u).Reduce(first, Min{});
   if (threadIdx.x == 0) { s_total = total; s_first = first; }
   __syncthreads();
 
@@ -395,7 +405,7 @@ __global__ void tables_kernel(const float* values, uint32_t k, int from_logits, 
 
   float local = -INFINITY;  // fmaxf ignores NaN
   for (uint32_t i = threadIdx.x; i < k; i += kThreads) local = fmaxf(local, x[i]);
-  float m = ReduceF(temp.f).Reduce(local, cuda::maximum<>{});
+  float m = ReduceF(temp.f).Reduce(local, Max{});
   if (threadIdx.x == 0) s_max = m;
   __syncthreads();
   m = s_max;
@@ -421,7 +431,7 @@ __global__ void steps_tables_kernel(const int64_t* steps, uint32_t k, uint32_t* 
 
   long long local = x[0];
   for (uint32_t i = threadIdx.x; i < k; i += kThreads) local = x[i] < local ? x[i] : local;
-  long long m = ReduceI(temp.i).Reduce(local, cuda::minimum<>{});
+  long long m = ReduceI(temp.i).Reduce(local, Min{});
   if (threadIdx.x == 0) s_min = m;
   __syncthreads();
   m = s_min;
