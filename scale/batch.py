@@ -111,6 +111,9 @@ def ray_session(address=None):
             causes.append(_one_line(current))
             current = current.__cause__
         reason = "; ".join(c if len(c) <= 240 else c[:240] + "..." for c in causes)
+        if address.startswith("ray://") and "timeout" in reason and os.environ.get("RAY_AUTH_MODE") != "token":
+            reason += (" (a cluster with token authentication, the default since Ray 2.59, answers a client only with "
+                       "RAY_AUTH_MODE=token and its token: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
         raise PercoError(f"cannot {where}: {reason}") from None
     finally:
         if saved is None:
@@ -641,7 +644,8 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
                   "max_pixels": max_pixels, "seed": seed, "decode_options": options, "captioner": captioner,
                   "captioner_model": _absolute(captioner_model)}
         with ray_session(address):
-            result.update(_execute(ray, todo, batch_size, config, actors, progress, result, start))
+            run = _execute_from_client if _client_mode(ray) else _execute
+            result.update(run(ray, todo, batch_size, config, actors, progress, result, start))
     result["seconds"] = seconds = time.perf_counter() - start
     result["items_per_second"] = len(result["done"]) / seconds if seconds > 0 else 0.0
     result["failed"].sort(key=lambda e: e["input"])
@@ -650,10 +654,67 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     return result
 
 
+def _client_mode(ray) -> bool:
+    """True when this process is a Ray Client (ray://HOST:PORT): it has no core worker of its own."""
+    try:
+        return bool(ray.util.client.ray.is_connected())
+    except AttributeError:
+        return False
+
+
+def _execute_from_client(ray, todo: list, batch_size: int, config: dict, actors, progress: bool, result: dict,
+                         start: float) -> dict:
+    """`_execute` for a Ray Client: Ray Data's executor needs a core worker, which a client has not, so the job's
+    loop runs as a task on the cluster (no CPU of its own) and sends each batch's item count back through a Ray
+    queue for the progress bar. The inputs and outputs must be at the same paths on the cluster's nodes."""
+    from ray.util.queue import Empty, Queue
+
+    from perco.engine.codec import _progress
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    task = ray.remote(num_cpus=0, max_retries=0)(_execute_on_cluster).remote(todo, batch_size, config, actors, queue)
+    bar = _progress(None, progress, desc=f"batch {config['verb']}", unit="image", total=len(todo))
+    first = None
+    try:
+        while True:
+            finished = bool(ray.wait([task], timeout=0.5)[0])
+            while True:
+                try:
+                    count = queue.get_nowait()
+                except Empty:
+                    break
+                first = first if first is not None else time.perf_counter() - start
+                bar.update(count)
+            if finished:
+                break
+        try:
+            stats, done, failed = ray.get(task)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a PercoError inside Ray's task error, or the cluster's failure
+            raise _job_error(exc) from None
+    finally:
+        bar.close()
+        ray.kill(queue.actor)
+    result["done"].extend(done)
+    result["failed"].extend(failed)
+    result["done"].sort(key=lambda e: e["input"])
+    return {**stats, "first_batch_seconds": first}
+
+
+def _execute_on_cluster(todo: list, batch_size: int, config: dict, actors, queue) -> tuple:
+    """The Ray task of `_execute_from_client`: (stats, done, failed)."""
+    import ray
+
+    result = {"done": [], "failed": []}
+    stats = _execute(ray, todo, batch_size, config, actors, False, result, time.perf_counter(), notify=queue.put)
+    return stats, result["done"], result["failed"]
+
+
 def _execute(ray, todo: list, batch_size: int, config: dict, actors, progress: bool, result: dict,
-             start: float) -> dict:
+             start: float, notify=None) -> dict:
     """Run the items in batches on an actor pool (no more actors than batches); fills result["done"] and
-    result["failed"] as batches finish."""
+    result["failed"] as batches finish (and calls notify(items) after each, where given)."""
     wanted = actor_layout(ray, actors)[0]
     chunks = spread(todo, batch_size, wanted)
     count, cpus, gpus = actor_layout(ray, min(wanted, len(chunks)))
@@ -682,6 +743,8 @@ def _execute(ray, todo: list, batch_size: int, config: dict, actors, progress: b
                     for entry in entries:
                         (result["failed"] if "error" in entry else result["done"]).append(entry)
                     bar.update(len(entries))
+                    if notify is not None:
+                        notify(len(entries))
             except PercoError:
                 raise
             except (KeyboardInterrupt, SystemExit):

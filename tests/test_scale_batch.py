@@ -87,8 +87,8 @@ def compressed(cluster, tiny_model, blip2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decompressed(cluster, tiny_model, other_seed_model, compressed, tmp_path_factory):
-    """(report, input folder, output folder): the coded files plus a forged one (same size as d, so d's batch
-    falls back), a truncated one and one from another model; batch size 4, the default actor layout."""
+    """(report, input folder, output folder): the coded files plus a forged one (same size as d, in d's batch: it
+    fails its check alone), a truncated one and one from another model; batch size 4, the default actor layout."""
     _, _, coded = compressed
     root = tmp_path_factory.mktemp("batch-decompress")
     inputs = root / "inputs"
@@ -145,7 +145,7 @@ def test_decompress_batches_one_size_and_matches_decompress_batch(decompressed, 
     assert "made for model" in failed["g_other"]["error"]
     done = _by_name(report["done"])
     assert sorted(done) == sorted(SIZES)
-    # a, b, c (64x64) were decoded as one batch; d's batch (with the forged file) fell back to one by one
+    # a, b, c (64x64) were decoded as one batch; d's batch-mate (the forged file) failed its check, so d decoded alone
     assert [done[n]["batch"] for n in "abcd"] == [3, 3, 3, 1]
     assert report["sizes"] == {"64x64": {"items": 3, "batches": 1}, "96x64": {"items": 2, "batches": 1}}
     together = local_codec.decompress_batch([(inputs / f"{n}.perco").read_bytes() for n in "abc"], steps=STEPS)
@@ -374,3 +374,65 @@ def test_worker_checks_each_bitstream_once_groups_by_hints_and_isolates_a_failin
     with Image.open(tmp_path / "a.png") as img:
         assert np.array_equal(np.asarray(img.convert("RGB")), expected)
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "e.png").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_job_through_ray_client_on_a_cluster_that_ray_start_made(tiny_model, local_codec, tmp_path):
+    """A real cluster as users run one: `ray start --head` in its own process (127.0.0.1 only, token
+    authentication with a token of this test's own), then `perco batch decompress --address ray://...` in
+    another process, as a Ray Client. Ray Data cannot run in a client (it has no core worker), so the job's loop
+    runs as a task on the cluster; the images must equal an in-process decode."""
+    import secrets
+    import socket
+    import tempfile
+    import time
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for i in range(3):
+        (inputs / f"x{i}.perco").write_bytes(local_codec.compress(random_image(64, 64, seed=10 + i), seed=SEED))
+    gcs, client = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    temp = tempfile.mkdtemp(prefix="perco-ray-")  # short: Ray's socket paths under it must fit in 107 bytes
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={gcs}", f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=1", "--include-dashboard=false", "--object-store-memory=100000000",
+                             f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # the client server is the last to listen
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                socket.create_connection(("127.0.0.1", client), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray client server did not start in 90 s"
+                time.sleep(0.5)
+        run = subprocess.run([sys.executable, "-m", "perco.engine.cli", "batch", "decompress", str(inputs), "-o",
+                              str(out), "--model", str(tiny_model), "--steps", str(STEPS), "--batch-size", "2",
+                              "--address", f"ray://127.0.0.1:{client}"], env=env, capture_output=True, text=True,
+                             timeout=240)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "3 done, 0 skipped, 0 failed" in run.stderr
+    finally:
+        # ray start and what it started (its process group: the client server and its per-client server, which
+        # would hold port 23000 for the next cluster otherwise), then any process of the session that left it
+        os.killpg(head.pid, 9)
+        subprocess.run(["pkill", "-KILL", "-f", temp], check=False)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["nodes"] == 1 and report["actors"] == 1 and len(report["done"]) == 3
+    for i in range(3):
+        expected = local_codec.decompress((inputs / f"x{i}.perco").read_bytes(), steps=STEPS)
+        with Image.open(out / f"x{i}.png") as img:
+            got = np.asarray(img.convert("RGB"))
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
