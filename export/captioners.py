@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from perco.engine.errors import ModelError
+from perco.export.hf import quiet_transformers
 
 MAX_NEW_TOKENS = 32  # the research code's max_number_tokens
 
@@ -26,9 +27,10 @@ class Blip2Captioner:
                              f"folder, e.g. Salesforce/blip2-opt-2.7b-coco saved with save_pretrained)")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            self.processor = Blip2Processor.from_pretrained(str(folder))
-            self.model = Blip2ForConditionalGeneration.from_pretrained(
-                str(folder), dtype=torch.float16 if self.device == "cuda" else torch.float32).to(self.device).eval()
+            with quiet_transformers():
+                self.processor = Blip2Processor.from_pretrained(str(folder))
+                self.model = Blip2ForConditionalGeneration.from_pretrained(
+                    str(folder), dtype=torch.float16 if self.device == "cuda" else torch.float32).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load BLIP-2 from {folder}: {str(exc).splitlines()[0]}") from None
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens

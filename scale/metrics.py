@@ -151,25 +151,10 @@ def _load_clip(folder: Path):
         def get_text_features(self, *args, **kwargs):
             return self._embeddings(self.model.get_text_features(*args, **kwargs))
 
-    with _quiet_transformers():
+    from perco.export.hf import quiet_transformers
+
+    with quiet_transformers():
         return ClipFeatures(CLIPModel.from_pretrained(folder).eval()), CLIPProcessor.from_pretrained(folder)
-
-
-@contextmanager
-def _quiet_transformers():
-    """No weight-loading progress bar or notices (the CLIP image processor's torchvision fallback) on stderr."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def inception_module(path, device):
@@ -437,7 +422,9 @@ def _write_clip_stand_in(folder: Path, tokenizer_dir: Path, seed: int) -> None:
         image, text = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (image, text))
         if float(torch.nn.functional.cosine_similarity(image, text)) < 0:
             model.visual_projection.weight.neg_()
-    with _quiet_transformers():
+    from perco.export.hf import quiet_transformers
+
+    with quiet_transformers():
         model.save_pretrained(folder)
         processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
