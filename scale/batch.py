@@ -248,28 +248,44 @@ def _outputs(verb: str, paths: list, output: Path) -> list:
 
 
 def _caption_map(captions, paths: list) -> list:
-    """One caption (or None: the captioner's, else empty) per input from a str or {file name or path: caption}."""
+    """One caption (or None: the captioner's, else empty) per input from a str or {file name, stem or path: caption}."""
     if captions is None or isinstance(captions, str):
         return [captions] * len(paths)
     if not isinstance(captions, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in captions.items()):
         raise UsageError("captions must be one caption (a string) or {input file name: caption} strings")
-    return [captions.get(p.name, captions.get(str(p))) for p in paths]
+    return [next((captions[k] for k in (p.name, p.stem, str(p)) if k in captions), None) for p in paths]
 
 
 def read_captions(path) -> dict:
-    """A --captions file: a JSON object {input file name: caption}."""
+    """A captions file: a JSON object {image file name: caption}, or TSV lines "name<TAB>caption".
+
+    A name may be the file name ("kodim13.png") or its stem ("kodim13"). Blank TSV lines are skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PercoError(f"captions file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PercoError(f"cannot read captions file {path}: {_one_line(exc)} (expected a JSON object "
-                         "{\"image.png\": \"a caption\", ...})") from None
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise PercoError(f"captions file {path} must hold one JSON object of {{input file name: caption}} strings")
-    return value
+    except UnicodeDecodeError:
+        raise PercoError(f"captions file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PercoError(f"cannot read captions file {path}: {exc.strerror or exc}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PercoError(f"captions file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise PercoError(f"captions file {path} must be one JSON object of {{image file name: caption}} strings")
+        return value
+    captions = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        name, tab, caption = line.partition("\t")
+        if not tab or not name.strip():
+            raise PercoError(f"captions file {path} line {number}: expected 'name<TAB>caption' (or a JSON object)")
+        captions[name.strip()] = caption.strip()
+    return captions
 
 
 def _valid_bitstream(path: Path, spec, size: tuple, seed: int) -> bool:

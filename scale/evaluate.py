@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from perco.engine.errors import OutputError, PercoError, UsageError
+from perco.scale.batch import read_captions  # noqa: F401 - one captions format for both verbs
 
 REPORT_JSON, REPORT_MD, REPORT_PLOT = "report.json", "report.md", "rate_metrics.png"
 WORK = "work"
@@ -54,37 +55,6 @@ def list_images(folder) -> list:
                              "rename one (bitstreams and decoded images are named after it)")
         stems[path.stem] = path
     return images
-
-
-def read_captions(path) -> dict:
-    """A captions file: a JSON object {image file name: caption}, or TSV lines "name<TAB>caption".
-
-    A name may be the file name ("kodim13.png") or its stem ("kodim13"). Blank TSV lines are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PercoError(f"captions file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise PercoError(f"captions file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise PercoError(f"cannot read captions file {path}: {exc.strerror or exc}") from None
-    if text.lstrip().startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PercoError(f"captions file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise PercoError(f"captions file {path} must be one JSON object of {{image file name: caption}} strings")
-        return value
-    captions = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        name, tab, caption = line.partition("\t")
-        if not tab or not name.strip():
-            raise PercoError(f"captions file {path} line {number}: expected 'name<TAB>caption' (or a JSON object)")
-        captions[name.strip()] = caption.strip()
-    return captions
 
 
 def match_captions(images: list, captions: dict) -> tuple:

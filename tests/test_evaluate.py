@@ -27,7 +27,8 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("ray")
 
 from perco.scale import metrics as m  # noqa: E402
-from perco.scale.evaluate import REPORT_JSON, REPORT_MD, REPORT_PLOT, match_captions, read_captions  # noqa: E402
+from perco.scale.batch import read_captions  # noqa: E402
+from perco.scale.evaluate import REPORT_JSON, REPORT_MD, REPORT_PLOT, match_captions  # noqa: E402
 
 STEPS = "1"
 SIDE = 192  # MS-SSIM with 5 scales and an 11x11 kernel needs sides > 160

@@ -436,3 +436,16 @@ def test_a_job_through_ray_client_on_a_cluster_that_ray_start_made(tiny_model, l
         with Image.open(out / f"x{i}.png") as img:
             got = np.asarray(img.convert("RGB"))
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_captions_file_is_the_evaluate_format_keyed_by_name_or_stem(tmp_path):
+    """`perco batch compress --captions` reads what `perco evaluate --captions` reads: JSON or TSV, keyed by file
+    name or stem; an input it does not name gets None (the captioner's caption, else the empty one)."""
+    (tmp_path / "c.tsv").write_text("a.png\ta red barn\nb\ta cat\n", encoding="utf-8")
+    (tmp_path / "c.json").write_text(json.dumps({"a": "a red barn", "b.png": "a cat"}), encoding="utf-8")
+    paths = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    for name in ("c.tsv", "c.json"):
+        assert batch._caption_map(batch.read_captions(tmp_path / name), paths) == ["a red barn", "a cat", None]
+    (tmp_path / "bad.tsv").write_text("no tab here\n", encoding="utf-8")
+    with pytest.raises(PercoError, match="line 1: expected 'name<TAB>caption'"):
+        batch.read_captions(tmp_path / "bad.tsv")
