@@ -496,23 +496,28 @@ class BatchWorker:
                 continue
             groups.setdefault(key, []).append(i)
         for (group_steps, group_guidance), order in groups.items():
-            decode = lambda members: self.codec.decompress_unpacked(  # noqa: E731
-                [unpacked[i] for i in members], steps=group_steps, guidance=group_guidance, **options)
-            try:
-                decoded = dict(zip(order, decode(order)))
-                batch = len(order)
-            except Exception as exc:  # noqa: BLE001 - decode one by one so that only the failing item fails
-                decoded, batch = {}, 1
-                if len(order) == 1:
-                    results[order[0]] = _failure(items[order[0]], exc)
-                for i in order if len(order) > 1 else ():
-                    try:
-                        decoded[i] = decode([i])[0]
-                    except Exception as one:  # noqa: BLE001
-                        results[i] = _failure(items[i], one)
-            for i, image in decoded.items():
-                results[i] = self._save(items[i], image, batch)
+            images, batch = self._decode_group([unpacked[i] for i in order], steps=group_steps,
+                                               guidance=group_guidance, **options)
+            for i, image in zip(order, images):
+                results[i] = _failure(items[i], image) if isinstance(image, Exception) else \
+                    self._save(items[i], image, batch)
         return [results[i] for i in range(len(items))]
+
+    def _decode_group(self, unpacked: list, **settings) -> tuple:
+        """([image or the exception of its decode], images decoded together): the group in one call, or one by one
+        when that call fails (not a bitstream's fault: each was checked), so only a failing image fails."""
+        try:
+            return self.codec.decompress_unpacked(unpacked, **settings), len(unpacked)
+        except Exception as exc:  # noqa: BLE001
+            if len(unpacked) == 1:
+                return [exc], 1
+        images = []
+        for one in unpacked:
+            try:
+                images.append(self.codec.decompress_unpacked([one], **settings)[0])
+            except Exception as exc:  # noqa: BLE001
+                images.append(exc)
+        return images, 1
 
     @staticmethod
     def _save(item: dict, image, batch: int) -> dict:
