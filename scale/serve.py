@@ -495,7 +495,7 @@ def cmd_serve(args) -> None:
     try:
         if not ray.is_initialized():
             extra = {"include_dashboard": False} if args.address == "local" else {}
-            ray.init(address=args.address, logging_level=logging.INFO if args.verbose else logging.WARNING,
+            ray.init(address=args.address, logging_level=logging.INFO if args.verbose else logging.ERROR,
                      log_to_driver=args.verbose, **extra)
             started_ray = True
             signal.signal(signal.SIGTERM, _interrupt)  # again: Ray's core worker put its own crash reporter there
