@@ -103,7 +103,7 @@ def ray_session(address=None):
         os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
     try:
         with _stderr_to_devnull(saved is None):  # the core's one line saying it read that variable
-            ray.init(address=address, **options)
+            _init(ray, address, options)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError...: one line
         where = "start a local Ray cluster" if address == "local" else f"connect to the Ray cluster at {address}"
         causes, current = [], exc
@@ -122,6 +122,25 @@ def ray_session(address=None):
         yield ray
     finally:
         ray.shutdown()
+
+
+CLIENT_ATTEMPTS = 3  # a Ray client's connection, when the head's per-client server fails to start (transient)
+
+
+def _init(ray, address: str, options: dict) -> None:
+    """ray.init, retried for a Ray client whose per-client server died at start: Ray 2.60's proxy forks it while its
+    gRPC threads run ("Starting Ray client server failed"), seen here in about 1 of 8 connections on a loaded
+    2-core head; the next attempt gets a new server."""
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **options)
+            return
+        except Exception as exc:  # noqa: BLE001
+            transient = address.startswith("ray://") and "Starting Ray client server failed" in str(exc)
+            if not transient or attempt == CLIENT_ATTEMPTS:
+                raise
+            ray.shutdown()  # whatever the failed attempt left
+            time.sleep(1.0)
 
 
 @contextmanager
@@ -406,12 +425,21 @@ class BatchWorker:
     """
 
     def __init__(self, config: dict):
-        from perco.engine.codec import Codec
+        from concurrent.futures import ThreadPoolExecutor
 
         self.config = config
         self._captioner = self.codec = None
         self._broken = None
-        threads = config.get("threads")
+        # Ray Data constructs the actor on one thread and calls it on another. Every network call, the load
+        # included, runs on this one thread instead: torch's OpenMP gives each calling thread a team of its own, and
+        # a second team made the decodes about 2x slower on a 2-core machine (docs/batch.md).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="perco-codec")
+        self._thread.submit(self._load).result()
+
+    def _load(self) -> None:
+        from perco.engine.codec import Codec
+
+        config, threads = self.config, self.config.get("threads")
         try:
             self.codec = Codec.from_pretrained(config["model"], backend=config["backend"],
                                                artifacts=config["artifacts"], max_pixels=config.get("max_pixels"))
@@ -422,6 +450,9 @@ class BatchWorker:
             sys.modules["torch"].set_num_threads(threads)
 
     def __call__(self, batch: dict) -> dict:
+        return self._thread.submit(self._run, batch).result()
+
+    def _run(self, batch: dict) -> dict:
         import numpy as np
 
         if self._broken is not None:  # this node cannot run the model: the driver stops the job with the reason

@@ -127,12 +127,16 @@ class DecodeServer:
 
         self.options = ServeOptions(**options)
         o = self.options
-        self.codec = Codec.from_pretrained(o.model, backend=o.backend, artifacts=o.artifacts, max_pixels=o.max_pixels)
+        # Every network call, the model's load included, runs on this one thread: torch's OpenMP gives each thread
+        # that calls it a team of its own, and a second team made the decodes about 2x slower on a 2-core machine
+        # (the load on the replica's thread, every decode on this one)
+        self._codec_thread = ThreadPoolExecutor(1, thread_name_prefix="perco-codec")
+        self.codec = self._codec_thread.submit(Codec.from_pretrained, o.model, backend=o.backend,
+                                               artifacts=o.artifacts, max_pixels=o.max_pixels).result()
         spec = self.codec.model
         # the uniform index coder is numpy only: those streams are checked beside a running decode; a coder that
         # runs networks (the learned one) is checked on the codec's own thread, which also runs every decode
         self._check_on_codec_thread = spec.stream_spec.index_coder != "uniform"
-        self._codec_thread = ThreadPoolExecutor(1, thread_name_prefix="perco-codec")
         self._io = ThreadPoolExecutor(4, thread_name_prefix="perco-io")  # checks and PNG encoding
         self._batched = serve.batch(max_batch_size=o.max_batch, batch_wait_timeout_s=o.batch_wait_ms / 1000)(
             self._decode_jobs)

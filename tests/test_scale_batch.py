@@ -420,7 +420,8 @@ def test_a_job_through_ray_client_on_a_cluster_that_ray_start_made(tiny_model, l
                               str(out), "--model", str(tiny_model), "--steps", str(STEPS), "--batch-size", "2",
                               "--address", f"ray://127.0.0.1:{client}"], env=env, capture_output=True, text=True,
                              timeout=240)
-        assert run.returncode == 0, run.stderr[-2000:]
+        logs = "".join(f.read_text(errors="replace")[-1500:] for f in Path(temp).glob("session_*/logs/ray_client*.err"))
+        assert run.returncode == 0, run.stderr[-2000:] + "\n" + logs
         assert "3 done, 0 skipped, 0 failed" in run.stderr
     finally:
         # ray start and what it started (its process group: the client server and its per-client server, which

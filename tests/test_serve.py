@@ -272,9 +272,10 @@ def test_mixed_sizes_are_decoded_in_their_own_groups(server, codec, streams):
 
 
 def test_overload_gets_503_quickly_and_the_server_recovers(server, codec, streams):
-    # 32 slow requests (128x128, 20 steps) at once: the replica holds 8, the proxy queues 8, the rest must be
-    # refused at once (a few may slip in as the first finish), and every accepted one must finish
-    burst = 32
+    # 48 slow requests (128x128, 20 steps) at once: the replica holds 8, the proxy queues 8, the rest must be
+    # refused at once (a few more slip in: Serve's queue count lags, up to 10 extra seen on this 2-core machine,
+    # and some as the first finish), and every accepted one must finish
+    burst = 48
     results = _burst(server, [streams["128x128"]] * burst, "?steps=20")
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 503}, statuses
