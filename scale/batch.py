@@ -672,9 +672,9 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
     paths = resolve_inputs(verb, inputs)
     if not ray.is_initialized() and address not in ("local", "auto"):
         probe(address)  # a dead address fails now, not after the plan
-    backend_name = backend_name(SimpleNamespace(backend=backend, artifacts=artifacts))
-    if backend_name not in available():
-        raise BackendError(f"unknown backend {backend_name!r}; choose one of: {', '.join(available())}")
+    chosen = backend_name(SimpleNamespace(backend=backend, artifacts=artifacts))
+    if chosen not in available():
+        raise BackendError(f"unknown backend {chosen!r}; choose one of: {', '.join(available())}")
     if model is None and artifacts is None:
         from perco.engine.demo import default_model
 
@@ -689,10 +689,10 @@ def run_job(verb, inputs, output, *, model=None, backend=None, artifacts=None, a
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
     result = {"verb": verb, "model": str(model) if model is not None else None, "artifacts": artifacts,
-              "backend": backend_name, "batch_size": batch_size, "done": [], "skipped": skipped, "failed": failed,
+              "backend": chosen, "batch_size": batch_size, "done": [], "skipped": skipped, "failed": failed,
               "warnings": warnings, "actors": 0, "nodes": 0, "first_batch_seconds": None, "sizes": {}}
     if todo:
-        config = {"verb": verb, "model": _absolute(model), "artifacts": _absolute(artifacts), "backend": backend_name,
+        config = {"verb": verb, "model": _absolute(model), "artifacts": _absolute(artifacts), "backend": chosen,
                   "max_pixels": max_pixels, "seed": seed, "decode_options": options, "captioner": captioner,
                   "captioner_model": _absolute(captioner_model)}
         with ray_session(address):
@@ -748,9 +748,8 @@ def _execute_from_client(ray, todo: list, batch_size: int, config: dict, actors,
     finally:
         bar.close()
         ray.kill(queue.actor)
-    result["done"].extend(done)
+    result["done"].extend(done)  # sorted by _execute on the cluster
     result["failed"].extend(failed)
-    result["done"].sort(key=lambda e: e["input"])
     return {**stats, "first_batch_seconds": first}
 
 

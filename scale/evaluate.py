@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from perco.engine.errors import OutputError, PercoError, UsageError
-from perco.scale.batch import read_captions  # noqa: F401 - one captions format for both verbs
+from perco.scale.batch import read_captions  # one captions format for both verbs
 
 REPORT_JSON, REPORT_MD, REPORT_PLOT = "report.json", "report.md", "rate_metrics.png"
 WORK = "work"
